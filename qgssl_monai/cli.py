@@ -1,0 +1,63 @@
+"""The ``qgssl`` command line.
+
+Each sub-command lives next to the code it drives; a module listed in ``COMMAND_MODULES`` exposes
+``register(subparsers)``, which adds its parser(s) and sets ``func`` on them. Modules are imported
+lazily, so ``qgssl --help`` stays fast and an optional dependency only matters for its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# module path -> the sub-commands it registers (names shown before the module is imported)
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "qgssl_monai.data.cli": ("prepare", "validate-manifest", "demo-data"),
+    "qgssl_monai.serving.quality_check": ("quality-check",),
+    "qgssl_monai.experiments.cli": ("experiment", "demo-job"),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qgssl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        wanted = first
+    for module_name, commands in COMMAND_MODULES.items():
+        # import only the module that owns the requested command (or all, for --help)
+        if wanted is not None and wanted not in commands:
+            for name in commands:
+                sub.add_parser(name, help=f"(see qgssl {name} --help)")
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if not err.name or not err.name.startswith("qgssl_monai"):
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
