@@ -1,0 +1,296 @@
+"""Data manifests: MONAI datalist JSON files with a small provenance header and seeded, grouped splits.
+
+A manifest looks like (paths relative to the data root)::
+
+    {
+      "name": "kvasir-seg", "modality": "endoscopy", "source": "...", "citation": "...", "licence": "...",
+      "data_root": "../../shared/data/kvasir-seg",      # relative to the manifest file (or absolute)
+      "split_seed": 0, "split_rule": "...",
+      "num_training": 700, "num_validation": 100, "num_test": 200, "num_unlabeled": 0,
+      "training": [{"image": "images/a.jpg", "label": "masks/a.png"}, ...],
+      "validation": [...], "test": [...],
+      "unlabeled": [{"image": "images/u.jpg"}, ...]
+    }
+
+It is readable by :func:`monai.data.load_decathlon_datalist` with ``base_dir`` set to the data root
+(:func:`resolve_data_root`); :func:`load_split` does exactly that and returns absolute paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LABELED_SPLITS",
+    "SPLITS",
+    "SPLIT_RATIOS",
+    "ManifestError",
+    "grouped_split",
+    "hold_out_labels",
+    "load_manifest",
+    "load_split",
+    "natural_key",
+    "resolve_data_root",
+    "write_manifest",
+]
+
+LABELED_SPLITS: tuple[str, ...] = ("training", "validation", "test")
+SPLITS: tuple[str, ...] = (*LABELED_SPLITS, "unlabeled")
+# train : validation : test, by image count
+SPLIT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
+
+
+class ManifestError(ValueError):
+    """A manifest (or the data it points to) is missing, malformed or inconsistent; the message names the file."""
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key ordering embedded integers numerically (``"2.png"`` before ``"10.png"``)."""
+    return tuple(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(text)))
+
+
+def load_manifest(manifest: str | os.PathLike) -> dict[str, Any]:
+    """Read and sanity-check a manifest JSON file.
+
+    Raises:
+        ManifestError: the file is missing, is not JSON, is not an object, or a split is not a list of
+            ``{"image": str, ...}`` entries.
+    """
+    path = Path(manifest)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"manifest {path} is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise ManifestError(f"manifest {path} must hold a JSON object, found {type(content).__name__}")
+    for split in SPLITS:
+        entries = content.get(split, [])
+        if not isinstance(entries, list):
+            raise ManifestError(f"manifest {path}: '{split}' must be a list, found {type(entries).__name__}")
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise ManifestError(f"manifest {path}: {split}[{index}] must be an object with an 'image' path")
+    return content
+
+
+def resolve_data_root(manifest: str | os.PathLike, data_root: str | os.PathLike | None = None) -> Path:
+    """The folder the manifest's relative paths start from.
+
+    Args:
+        manifest: manifest JSON path.
+        data_root: explicit override (e.g. ``--root``); wins over the manifest's ``"data_root"`` entry.
+
+    Returns:
+        ``data_root`` if given; else the manifest's ``"data_root"`` entry resolved relative to the manifest
+        file; else the manifest's folder. The result is absolute and normalised; it is not checked to exist.
+    """
+    path = Path(manifest).resolve()
+    if data_root is not None:
+        return Path(os.path.normpath(Path(data_root).expanduser().resolve()))
+    recorded = load_manifest(path).get("data_root")
+    if recorded in (None, ""):
+        return path.parent
+    return Path(os.path.normpath(path.parent / Path(str(recorded)).expanduser()))
+
+
+def load_split(
+    manifest: str | os.PathLike, split: str, data_root: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """Entries of one split with absolute paths.
+
+    Args:
+        manifest: manifest JSON path.
+        split: one of ``"training"``, ``"validation"``, ``"test"``, ``"unlabeled"``.
+        data_root: overrides the manifest's ``"data_root"`` (see :func:`resolve_data_root`).
+
+    Returns:
+        ``[{"image": abs_path, "label": abs_path}, ...]`` (``"label"`` absent for ``unlabeled``); an empty
+        list when the split is absent or empty.
+
+    Raises:
+        ManifestError: unknown split name, unreadable manifest, or the data root folder does not exist.
+    """
+    if split not in SPLITS:
+        raise ManifestError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    path = Path(manifest)
+    content = load_manifest(path)
+    root = resolve_data_root(path, data_root)
+    if not content.get(split):
+        return []
+    if not root.is_dir():
+        raise ManifestError(
+            f"data root {root} of manifest {path} does not exist; pass data_root=/--root pointing at the data set"
+        )
+    from monai.data import load_decathlon_datalist  # imported here: validation and `qgssl --help` skip torch
+
+    return load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=root)
+
+
+def grouped_split(
+    keys: Sequence[str],
+    *,
+    seed: int = 0,
+    ratios: Sequence[float] = SPLIT_RATIOS,
+    groups: Sequence[Hashable] | None = None,
+) -> dict[str, list[str]]:
+    """Seeded train/validation/test split aiming at ``ratios`` by item count, keeping groups whole.
+
+    The distinct groups (each item its own group when ``groups`` is None) are sorted, permuted by
+    ``numpy.random.default_rng(seed)`` and laid end to end; each group goes to the split in whose
+    cumulative-count interval ``[0, r0*n)``, ``[r0*n, (r0+r1)*n)``, ``[.., n)`` its midpoint falls. Without
+    groups this gives ``round``-style exact counts (1000 items -> 700/100/200); with groups all items of a
+    group land in one split, so counts only approximate the ratios.
+
+    Args:
+        keys: unique item identifiers (e.g. image paths).
+        seed: split seed; the same seed and items give the same split regardless of input order.
+        ratios: three non-negative fractions summing to 1 (training, validation, test).
+        groups: optional group label per key (e.g. video sequence); same length as ``keys``.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` of keys, each naturally sorted.
+
+    Raises:
+        ManifestError: duplicate keys, mismatched ``groups`` length, or invalid ``ratios``.
+    """
+    keys = [str(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({k for k in keys if keys.count(k) > 1}, key=natural_key)
+        raise ManifestError(f"duplicate items cannot be split: {duplicates[:5]}")
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or not np.isclose(sum(ratios), 1.0):
+        raise ManifestError(f"split ratios must be three non-negative fractions summing to 1, got {tuple(ratios)}")
+    if groups is None:
+        groups = keys
+    if len(groups) != len(keys):
+        raise ManifestError(f"got {len(groups)} group labels for {len(keys)} items")
+    members: dict[Hashable, list[str]] = {}
+    for key, group in zip(keys, groups):
+        members.setdefault(group, []).append(key)
+    ordered = sorted(members, key=lambda g: natural_key(str(g)))
+    permutation = np.random.default_rng(seed).permutation(len(ordered))
+    total = len(keys)
+    bounds = np.cumsum(ratios)[:2] * total
+    result: dict[str, list[str]] = {name: [] for name in LABELED_SPLITS}
+    filled = 0
+    for index in permutation:
+        group_keys = members[ordered[index]]
+        midpoint = filled + len(group_keys) / 2.0
+        split = LABELED_SPLITS[int(np.searchsorted(bounds, midpoint, side="right"))]
+        result[split].extend(group_keys)
+        filled += len(group_keys)
+    return {name: sorted(items, key=natural_key) for name, items in result.items()}
+
+
+def hold_out_labels(
+    training: Sequence[Mapping[str, Any]], labeled_fraction: float, *, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Keep a seeded ``labeled_fraction`` of training entries labeled; the rest become unlabeled images.
+
+    Args:
+        training: ``{"image", "label"}`` entries.
+        labeled_fraction: in ``(0, 1]``; the kept count is ``max(1, round(fraction * n))``.
+        seed: selection seed.
+
+    Returns:
+        ``(labeled, unlabeled)``: labeled entries unchanged, unlabeled entries reduced to ``{"image"}``,
+        both in input order.
+    """
+    if not 0.0 < labeled_fraction <= 1.0:
+        raise ManifestError(f"labeled fraction must be in (0, 1], got {labeled_fraction}")
+    count = len(training)
+    if count == 0 or labeled_fraction == 1.0:
+        return [dict(e) for e in training], []
+    keep = max(1, int(round(labeled_fraction * count)))
+    chosen = set(np.random.default_rng(seed).permutation(count)[:keep].tolist())
+    labeled = [dict(e) for i, e in enumerate(training) if i in chosen]
+    unlabeled = [{"image": e["image"]} for i, e in enumerate(training) if i not in chosen]
+    return labeled, unlabeled
+
+
+def _relative(path: str | os.PathLike, root: Path) -> str:
+    """``path`` relative to ``root`` as a POSIX string (relative inputs are taken as already relative)."""
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        return candidate.as_posix()
+    return Path(os.path.relpath(os.path.normpath(candidate), root)).as_posix()
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    data_root: str | os.PathLike,
+    name: str,
+    modality: str = "",
+    source: str = "",
+    citation: str = "",
+    licence: str = "",
+    split_seed: int | None = None,
+    split_rule: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a manifest JSON (header first, then the four split lists).
+
+    Args:
+        path: output file; parent folders are created.
+        splits: entries per split (keys among :data:`SPLITS`; missing splits are written empty). Absolute
+            paths are made relative to ``data_root``; relative paths are kept as they are.
+        data_root: the folder entries are relative to; recorded as ``"data_root"`` relative to the manifest's
+            folder (absolute when no relative path exists, e.g. another drive).
+        name, modality, source, citation, licence, split_seed, split_rule: header fields.
+        extra: additional header entries (e.g. ``"preset"``, ``"labels"``, ``"group_splits"``).
+
+    Returns:
+        The written path.
+    """
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ManifestError(f"unknown split name(s) {sorted(unknown)}; expected {', '.join(SPLITS)}")
+    out = Path(path).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(os.path.normpath(Path(data_root).resolve()))
+    try:
+        recorded_root = Path(os.path.relpath(root, out.parent)).as_posix()
+    except ValueError:  # different drive on Windows
+        recorded_root = root.as_posix()
+    lists: dict[str, list[dict[str, Any]]] = {}
+    for split in SPLITS:
+        entries = []
+        for entry in splits.get(split, []):
+            item = dict(entry)
+            for key in ("image", "label"):
+                if key in item:
+                    item[key] = _relative(item[key], root)
+            if split == "unlabeled":
+                item.pop("label", None)
+            entries.append(item)
+        lists[split] = entries
+    header: dict[str, Any] = {
+        "name": name,
+        "modality": modality,
+        "source": source,
+        "citation": citation,
+        "licence": licence,
+        "data_root": recorded_root,
+        "split_seed": split_seed,
+        "split_rule": split_rule,
+    }
+    header.update({f"num_{split}": len(lists[split]) for split in SPLITS})
+    if extra:
+        header.update({k: v for k, v in extra.items() if k not in header and k not in SPLITS})
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({**header, **lists}, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(tmp, out)
+    return out

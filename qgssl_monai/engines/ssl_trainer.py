@@ -1,0 +1,275 @@
+"""``SemiSupervisedTrainer``: MONAI ``SupervisedTrainer`` drawing a labeled and an unlabeled batch per step.
+
+One iteration (``epoch_length`` of them per epoch for every method, SUP included):
+
+1. labeled batch from ``train_data_loader`` (via ``prepare_batch``), unlabeled batch from
+   ``unlabeled_data_loader`` (cycled: re-iterated when exhausted, ``DistributedSampler.set_epoch`` called
+   with the pass index), skipped when ``method.uses_unlabeled`` is ``False``;
+2. student forward on the labeled images (``FORWARD_COMPLETED``), per-sample supervised loss,
+   ``method.unsupervised_loss(StepContext)``, total loss
+   ``mean(sup) + extra_sup_loss + lambda(t) * unsup_loss`` (``LOSS_COMPLETED``);
+3. one backward for everything (``BACKWARD_COMPLETED``), optimizer step, ``MODEL_COMPLETED``.
+
+``engine.state.output`` holds ``image``, ``label``, ``pred`` (detached), and the floats ``loss``,
+``sup_loss``, ``unsup_loss``, ``extra_sup_loss``, ``unsup_weight``, ``quality_weight_mean`` (1.0 when the
+method does no quality weighting: every sample has weight 1) plus the method's ``logs``. The current
+``lambda(t)`` lives in ``engine.state.unsup_weight`` (set by ``RampUpHandler``; ``lambda_max`` otherwise),
+the last detached quality weights in ``engine.state.quality_weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.inferers import Inferer
+from monai.transforms import Transform
+from monai.utils import CommonKeys as Keys
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from qgssl_monai.losses import PerSampleDiceBCELoss
+from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext
+from qgssl_monai.methods.sup import Supervised
+
+__all__ = ["SemiSupervisedTrainer", "ssl_optimizer_parameters", "AUTOCAST_DTYPES"]
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: keys of the scalar outputs, in the order they are converted to floats
+SCALAR_KEYS = (Keys.LOSS, "sup_loss", "unsup_loss", "extra_sup_loss", "quality_weight_mean")
+
+
+def ssl_optimizer_parameters(network: nn.Module, method: SSLMethod) -> list[nn.Parameter]:
+    """All parameters the optimizer must own: the student's plus the method's extra trainable ones.
+
+    Calls ``method.setup(network)`` first (idempotent) so peers/heads exist. Use it to build the optimizer
+    in bundle configs, e.g. ``"$torch.optim.Adam(qgssl_monai.engines.ssl_optimizer_parameters(@network, @method), 1e-3)"``.
+    """
+    method.setup(network)
+    params = [p for p in network.parameters() if p.requires_grad]
+    seen = {id(p) for p in params}
+    params += [p for p in method.trainable_parameters() if p.requires_grad and id(p) not in seen]
+    return params
+
+
+class SemiSupervisedTrainer(SupervisedTrainer):
+    """Semi-supervised trainer: shared loop for every :class:`SSLMethod` strategy.
+
+    Args (beyond ``monai.engines.SupervisedTrainer``, whose remaining arguments keep their meaning):
+        loss_function: per-sample supervised loss ``(logits, target[, mask]) -> (B,)``;
+            default :class:`~qgssl_monai.losses.PerSampleDiceBCELoss` (0.5 Dice + 0.5 BCE).
+        unlabeled_data_loader: iterable of unlabeled batches (dicts with ``"image"``, tensors, or
+            sequences whose first item is the image). Required unless the method is SUP.
+        method: the SSL strategy; default :class:`~qgssl_monai.methods.sup.Supervised`.
+        unsup_weight: ``lambda_max``; ``None`` uses ``method.default_unsup_weight``. ``RampUpHandler``
+            sets the current value in ``engine.state.unsup_weight``.
+        autocast_dtype: ``"bf16"`` (``torch.autocast`` on the engine's device, CPU or CUDA), ``"fp16"``
+            (CUDA autocast + ``GradScaler``) or ``None`` (float32).
+        epoch_length: optimizer steps per epoch; default ``len(train_data_loader)``.
+
+    The method's extra trainable parameters (peers, heads) must be in the optimizer: build it with
+    :func:`ssl_optimizer_parameters`; missing ones are added as a new param group with a warning.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable[..., Tensor] | None = None,
+        unlabeled_data_loader: Iterable | DataLoader | None = None,
+        method: SSLMethod | None = None,
+        unsup_weight: float | None = None,
+        autocast_dtype: str | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        inferer: Inferer | None = None,
+        postprocessing: Transform | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast_dtype!r}.")
+        device = torch.device(device)
+        if autocast_dtype == "fp16" and device.type != "cuda":
+            raise ValueError(f"autocast_dtype='fp16' needs a CUDA device (got {device}); use 'bf16' on CPU.")
+        method = Supervised() if method is None else method
+        if not isinstance(method, SSLMethod):
+            raise TypeError(f"method must be an SSLMethod, got {type(method).__name__}.")
+        if method.uses_unlabeled and unlabeled_data_loader is None:
+            raise ValueError(f"method {method.name!r} needs an unlabeled_data_loader.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=PerSampleDiceBCELoss() if loss_function is None else loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            inferer=inferer,
+            postprocessing=postprocessing,
+            key_train_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            train_handlers=None,  # attached below, once the SSL attributes exist
+            amp=False,  # mixed precision is handled by ``autocast_dtype``
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            optim_set_to_none=optim_set_to_none,
+            to_kwargs=to_kwargs,
+        )
+        method.setup(network)
+        self.method = method.to(device)
+        self.unlabeled_data_loader = unlabeled_data_loader
+        self.unsup_weight_max = float(method.default_unsup_weight if unsup_weight is None else unsup_weight)
+        self.autocast_dtype = autocast_dtype
+        self.grad_scaler = torch.amp.GradScaler("cuda") if autocast_dtype == "fp16" else None
+        self.state.unsup_weight = self.unsup_weight_max
+        self.state.quality_weights = None
+        self._unlabeled_iterator: Iterator | None = None
+        self._unlabeled_pass = 0
+        self._add_missing_method_parameters()
+        if train_handlers is not None:
+            self._register_handlers(train_handlers)
+
+    def _add_missing_method_parameters(self) -> None:
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [p for p in self.method.trainable_parameters() if p.requires_grad and id(p) not in owned]
+        if missing:
+            warnings.warn(
+                f"{len(missing)} trainable parameters of method {self.method.name!r} were not in the optimizer; "
+                "adding them as a new param group (build the optimizer with ssl_optimizer_parameters to avoid this)."
+            )
+            self.optimizer.add_param_group({"params": missing})
+
+    def next_unlabeled_batch(self) -> Tensor:
+        """Next unlabeled image batch ``(B_u, C, *S)`` on the engine's device; the loader is cycled."""
+        if self._unlabeled_iterator is None:
+            self._unlabeled_iterator = self._start_unlabeled_pass()
+        try:
+            batch = next(self._unlabeled_iterator)
+        except StopIteration:
+            self._unlabeled_pass += 1
+            self._unlabeled_iterator = self._start_unlabeled_pass()
+            try:
+                batch = next(self._unlabeled_iterator)
+            except StopIteration as empty:
+                raise RuntimeError("unlabeled_data_loader yielded no batch.") from empty
+        if isinstance(batch, dict):
+            image = batch[Keys.IMAGE]
+        elif isinstance(batch, Tensor):
+            image = batch
+        else:
+            image = batch[0]
+        return image.to(device=self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
+
+    def _start_unlabeled_pass(self) -> Iterator:
+        sampler = getattr(self.unlabeled_data_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self._unlabeled_pass)
+        return iter(self.unlabeled_data_loader)  # type: ignore[arg-type]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.state.device.type, dtype=AUTOCAST_DTYPES[self.autocast_dtype])
+
+    def _iteration(self, engine: SemiSupervisedTrainer, batchdata: dict[str, Tensor]) -> dict:  # type: ignore[override]
+        """One SSL step; returns ``engine.state.output`` (see the module docstring for its keys)."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        image_l, label_l = batch[0], batch[1]
+        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
+        image_u = engine.next_unlabeled_batch() if engine.method.uses_unlabeled else None
+        engine.state.output = {Keys.IMAGE: image_l, Keys.LABEL: label_l}
+
+        engine.network.train()
+        engine.method.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        unsup_weight = float(engine.state.unsup_weight)
+        with engine._autocast():
+            logits_l = engine.inferer(image_l, engine.network, *args, **kwargs)
+            engine.state.output[Keys.PRED] = logits_l
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            sup_loss = engine.loss_function(logits_l, label_l).mean()
+            context = StepContext(
+                engine=engine,
+                student=engine.network,
+                image_l=image_l,
+                label_l=label_l,
+                logits_l=logits_l,
+                image_u=image_u,
+                sup_loss_fn=engine.loss_function,
+            )
+            method_output: MethodOutput = engine.method.unsupervised_loss(context)
+            loss = sup_loss + method_output.extra_sup_loss + unsup_weight * method_output.unsup_loss
+            engine.state.output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        if engine.grad_scaler is not None:
+            engine.grad_scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.grad_scaler.step(engine.optimizer)
+            engine.grad_scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+
+        engine._store_outputs(loss, sup_loss, logits_l, method_output, unsup_weight)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _store_outputs(
+        self, loss: Tensor, sup_loss: Tensor, logits_l: Tensor, method_output: MethodOutput, unsup_weight: float
+    ) -> None:
+        """Detach everything kept on ``state`` and convert all logged scalars with one ``tolist`` sync."""
+        weights = method_output.quality_weights
+        self.state.quality_weights = None if weights is None else weights.detach()
+        log_names = list(method_output.logs)
+        scalars = [
+            loss.detach(),
+            sup_loss.detach(),
+            torch.as_tensor(method_output.unsup_loss).detach(),
+            torch.as_tensor(method_output.extra_sup_loss).detach(),
+            weights.detach().float().mean() if weights is not None and weights.numel() else torch.ones(()),
+        ]
+        scalars += [torch.as_tensor(method_output.logs[name]).detach() for name in log_names]
+        device = loss.device
+        values = torch.stack([s.to(device=device, dtype=torch.float32).reshape(()) for s in scalars]).tolist()
+        output = self.state.output
+        output[Keys.PRED] = logits_l.detach()
+        output.update(zip(SCALAR_KEYS + tuple(log_names), values))
+        output["unsup_weight"] = unsup_weight
+
+    def run(self) -> None:  # type: ignore[override]
+        if getattr(self.method, "requires_ema_teacher", False) and not getattr(self, "ema_teacher_attached", False):
+            warnings.warn(
+                f"method {self.method.name!r} has an EMA teacher but no EMATeacherHandler is attached: "
+                "the teacher will stay at its initial weights."
+            )
+        super().run()

@@ -1,0 +1,54 @@
+"""Figures for the quality predictor (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_quality_scatter"]
+
+
+def plot_quality_scatter(
+    true_dice: np.ndarray,
+    predicted: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    pearson: float | None = None,
+    mae: float | None = None,
+    title: str = "Quality predictor",
+) -> Path:
+    """Scatter of predicted vs true Dice with the identity line; Pearson rho and MAE in the title.
+
+    Args:
+        true_dice, predicted: ``(N,)`` values in ``[0, 1]``.
+        path: output PNG (parent folders are created).
+    """
+    true_dice = np.asarray(true_dice, dtype=float).ravel()
+    predicted = np.asarray(predicted, dtype=float).ravel()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.scatter(true_dice, predicted, s=6, alpha=0.5, edgecolors="none")
+    ax.plot([0, 1], [0, 1], color="black", linewidth=1, linestyle="--", label="identity")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true Dice")
+    ax.set_ylabel("predicted Dice")
+    parts = [title]
+    if pearson is not None:
+        parts.append(f"ρ = {pearson:.3f}")
+    if mae is not None:
+        parts.append(f"MAE = {mae:.3f}")
+    ax.set_title(", ".join(parts), fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

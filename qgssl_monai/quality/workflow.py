@@ -1,0 +1,75 @@
+"""Small pieces the quality-predictor bundle configs wire together (configs stay declarative)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from monai.networks.nets import UNet
+from torch import nn
+
+from qgssl_monai.transforms.weak import WeakPredictionBank
+
+__all__ = [
+    "lower_is_better",
+    "negative_validation_loss",
+    "load_weak_bank",
+    "weak_segmentation_network",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def weak_segmentation_network(
+    image_channels: int = 3, channels: Sequence[int] = (16, 32, 64, 128), spatial_dims: int = 2
+) -> nn.Module:
+    """The U-Net whose early-epoch snapshots produce Type 2 masks (one logit channel, random init).
+
+    One definition shared by ``train_weak.json`` (which saves the snapshots) and ``train.json`` /
+    ``evaluate.json`` (which load them), so the architectures always match.
+    """
+    return UNet(
+        spatial_dims=spatial_dims,
+        in_channels=image_channels,
+        out_channels=1,
+        channels=tuple(channels),
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=2,
+    )
+
+
+def load_weak_bank(
+    snapshot_dir: str | os.PathLike,
+    network: nn.Module,
+    datalist: Sequence[Mapping[str, Any]],
+    load_transform: Callable,
+    image_size: int,
+    *,
+    p_weak: float,
+    device: str | torch.device = "cpu",
+) -> WeakPredictionBank | None:
+    """The weak-prediction bank for ``datalist``, or None when ``p_weak == 0`` (Type 1 masks only).
+
+    Raises:
+        FileNotFoundError: ``p_weak > 0`` but ``snapshot_dir`` holds no snapshots (run ``train_weak.json``).
+    """
+    if p_weak <= 0:
+        logger.info("p_weak = 0: training g on Type 1 corruptions only")
+        return None
+    return WeakPredictionBank.from_snapshots(
+        snapshot_dir, network, datalist, load_transform, image_size, device=device
+    )
+
+
+def negative_validation_loss(engine: Engine, metric_name: str = "val_loss") -> float:
+    """Score for ``EarlyStopHandler`` (higher is better): minus the validation loss."""
+    return -float(engine.state.metrics[metric_name])
+
+
+def lower_is_better(current: float, previous: float) -> bool:
+    """``metric_cmp_fn`` for engines whose key metric is a loss."""
+    return current < previous

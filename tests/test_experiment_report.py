@@ -1,0 +1,158 @@
+"""The comparison report computed from hand-made MLflow runs: exact numbers and rendering."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import stats
+
+from qgssl_monai.experiments.report import (
+    PER_IMAGE_ARTIFACT,
+    QUALITY_ARTIFACT,
+    first_epoch_reaching,
+    improvements,
+    load_quality_predictions,
+    load_results,
+    method_order,
+    render_table,
+    summary_table,
+    write_report,
+)
+from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
+
+METHODS = ["sup", "mt", "qar", "mt_qw"]
+IMAGES = [f"img_{i}.png" for i in range(6)]
+# per-image test DSC of run (method, seed): a method offset + a seed offset + a fixed per-image pattern
+OFFSET = {"sup": 0.60, "mt": 0.70, "mt_qw": 0.74, "qar": 0.72}
+PATTERN = np.array([0.00, 0.05, -0.03, 0.02, 0.04, -0.01])
+SEEDS = [0, 1, 2]
+
+
+def per_image_dsc(method: str, seed: int) -> np.ndarray:
+    jitter = np.array([0.0, 0.01, 0.0, -0.005, 0.003, 0.002]) * (seed + 1) * {"mt_qw": 2.0, "qar": 1.5}.get(method, 1.0)
+    return OFFSET[method] + 0.01 * seed + PATTERN + jitter
+
+
+def val_curve(method: str) -> list[float]:
+    return {"sup": [0.2, 0.5, 0.58, 0.6], "mt": [0.3, 0.69, 0.7, 0.72], "mt_qw": [0.5, 0.73, 0.74, 0.75], "qar": [0.4, 0.6, 0.7, 0.71]}[method]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("report")
+    uri = default_tracking_uri(out)
+    tracker = StepTracker(uri, "report-test")
+    for method in METHODS:
+        for seed in SEEDS:
+            key = f"ssl:{method}:unet:{seed}"
+            run_id = tracker.create(key, {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": key, "qgssl_step_hash": "h"})
+            tracker.log_params(run_id, {"method": method, "network": "unet", "seed": seed})
+            dsc = per_image_dsc(method, seed)
+            frame = pd.DataFrame({"image": IMAGES, "dsc": dsc, "iou": dsc / (2 - dsc), "hd95": 1.0, "asd": 0.5})
+            csv = out / f"{method}_{seed}" / Path(PER_IMAGE_ARTIFACT).name
+            csv.parent.mkdir()
+            frame.to_csv(csv, index=False)
+            tracker.log_artifact(run_id, csv, str(Path(PER_IMAGE_ARTIFACT).parent))
+            tracker.log_metrics(run_id, {"test_dsc_mean": float(dsc.mean()), "test_iou_mean": float((dsc / (2 - dsc)).mean())})
+            for epoch, value in enumerate(val_curve(method), start=1):
+                tracker.log_metrics(run_id, {"val_dsc": value + 0.001 * seed}, step=epoch)
+            tracker.finish(run_id)
+    # an unfinished run and a run of another step hash must both be ignored when hashes are given
+    stale = tracker.create("ssl:sup:unet:9", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:sup:unet:9", "qgssl_step_hash": "old"})
+    tracker.log_params(stale, {"method": "sup", "network": "unet", "seed": 9})
+    tracker.log_metrics(stale, {"test_dsc_mean": 0.99, "test_iou_mean": 0.99})
+    tracker.finish(stale)
+    running = tracker.create("ssl:mt:unet:7", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:mt:unet:7", "qgssl_step_hash": "h"})
+    tracker.log_params(running, {"method": "mt", "network": "unet", "seed": 7})
+    tracker.log_metrics(running, {"test_dsc_mean": 0.01, "test_iou_mean": 0.01})
+    quality = tracker.create("quality:evaluate", {"qgssl_experiment": "report-test", "qgssl_kind": "quality_eval", "qgssl_step": "quality:evaluate", "qgssl_step_hash": "q"})
+    pred_csv = out / Path(QUALITY_ARTIFACT).name
+    pd.DataFrame({"true_dice": [0.1, 0.5, 0.9, 0.7], "predicted": [0.2, 0.45, 0.85, 0.75]}).to_csv(pred_csv, index=False)
+    tracker.log_artifact(quality, pred_csv, str(Path(QUALITY_ARTIFACT).parent))
+    tracker.finish(quality)
+    return uri, out
+
+
+def hashes() -> dict[str, str]:
+    keys = {f"ssl:{m}:unet:{s}": "h" for m in METHODS for s in SEEDS}
+    keys.update({"ssl:sup:unet:9": "h", "ssl:mt:unet:7": "h", "quality:evaluate": "q"})
+    return keys
+
+
+def test_method_order_puts_each_qw_after_its_base() -> None:
+    assert method_order(["sup", "mt_qw", "pl_t", "mt", "qar", "pl_t_qw", "cps_qw"]) == [
+        "sup", "pl_t", "pl_t_qw", "mt", "mt_qw", "qar", "cps_qw"
+    ]  # fmt: skip
+
+
+def test_table_numbers_bold_best_and_paired_test_are_exact(tracked: tuple[str, Path]) -> None:
+    uri, _ = tracked
+    results = load_results(uri, "report-test", hashes())
+    assert sorted({(r.method, r.seed) for r in results}) == sorted((m, s) for m in METHODS for s in SEEDS)
+    table = summary_table(results, METHODS, ["unet"])
+    row = table[(table.method == "mt_qw") & (table.metric == "dsc")].iloc[0]
+    seed_means = [per_image_dsc("mt_qw", s).mean() for s in SEEDS]
+    assert row["mean"] == pytest.approx(np.mean(seed_means), abs=1e-12)
+    assert row["se"] == pytest.approx(np.std(seed_means, ddof=1) / math.sqrt(3), abs=1e-12)
+    assert row["n"] == 3
+    assert table[table.best].method.tolist() == ["mt_qw", "mt_qw"]
+    markdown = render_table(table, "markdown")
+    expected_cell = f"**{100 * np.mean(seed_means):.2f} ± {100 * np.std(seed_means, ddof=1) / math.sqrt(3):.2f}**"
+    assert expected_cell in markdown
+    assert [line.split("|")[1].strip() for line in markdown.splitlines()[2:]] == ["sup", "mt", "mt_qw", "qar"]
+    assert "\\textbf{" in render_table(table, "latex")
+    csv = pd.read_csv(pd.io.common.StringIO(render_table(table, "csv")))
+    assert csv.loc[csv.method == "mt_qw", "unet_dsc_best"].item() and not csv.loc[csv.method == "sup", "unet_dsc_best"].item()
+
+    gains = improvements(results, METHODS, ["unet"], "wilcoxon").set_index("comparison")
+    assert gains.index.tolist() == ["mt_qw vs mt", "qar vs mt"]  # QAR against the best baseline (mt)
+    ours = np.concatenate([per_image_dsc("mt_qw", s) for s in SEEDS])
+    theirs = np.concatenate([per_image_dsc("mt", s) for s in SEEDS])
+    expected = stats.wilcoxon(ours, theirs)
+    assert gains.loc["mt_qw vs mt", "n_pairs"] == 18
+    assert gains.loc["mt_qw vs mt", "p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert gains.loc["mt_qw vs mt", "delta_dsc"] == pytest.approx(np.mean(seed_means) - np.mean([per_image_dsc("mt", s).mean() for s in SEEDS]))
+    ttest = improvements(results, METHODS, ["unet"], "ttest").set_index("comparison")
+    qar = np.concatenate([per_image_dsc("qar", s) for s in SEEDS])
+    assert ttest.loc["qar vs mt", "p_value"] == pytest.approx(stats.ttest_rel(qar, theirs).pvalue, rel=1e-9)
+
+
+def test_unfinished_and_stale_runs_are_ignored(tracked: tuple[str, Path]) -> None:
+    uri, _ = tracked
+    current = {r.seed for r in load_results(uri, "report-test", {**hashes(), "ssl:sup:unet:9": "new"}, with_details=False)}
+    assert current == {0, 1, 2}  # seed 7 is RUNNING, seed 9 has another step hash
+    assert 9 in {r.seed for r in load_results(uri, "report-test", None, with_details=False)}
+
+
+def test_convergence_epoch() -> None:
+    curve = [(1, 0.30), (2, 0.69), (3, 0.70), (4, 0.72)]
+    assert first_epoch_reaching(curve, 0.96) == 3  # threshold 0.96 * 0.72 = 0.6912: epoch 2 (0.69) misses it
+    assert first_epoch_reaching(curve, 0.95) == 2
+    assert first_epoch_reaching(curve, target=0.71) == 4
+    assert first_epoch_reaching(curve, target=0.9) is None
+    assert first_epoch_reaching([], 0.96) is None
+
+
+def test_report_renders_html_and_valid_pngs(tracked: tuple[str, Path]) -> None:
+    uri, out = tracked
+    results = load_results(uri, "report-test", hashes())
+    predictions = load_quality_predictions(uri, "report-test", hashes())
+    assert predictions["predicted"].tolist() == [0.2, 0.45, 0.85, 0.75]
+    page = write_report(out / "report", experiment_name="report-test", methods=METHODS, networks=["unet"], results=results,
+                        quality_predictions=predictions)  # fmt: skip
+    text = page.read_text()
+    assert "<table>" in text and "<b>" in text and text.count("data:image/png;base64,") == 3
+    assert "Pearson r = " in text
+    for name in ("val_curves.png", "quality_scatter.png", "convergence.png"):
+        with Image.open(out / "report" / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    conv = pd.read_csv(out / "report" / "convergence.csv").set_index("method")
+    assert conv.loc["mt_qw", "e_val_mean"] == 2.0 and conv.loc["sup", "e_val_mean"] == 3.0
+    for name in ("table1.md", "table1.csv", "table1.tex", "improvements.csv"):
+        assert (out / "report" / name).stat().st_size > 0

@@ -1,0 +1,236 @@
+"""`qgssl validate-manifest`: every bad-input kind is reported with its path, one line each."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qgssl_monai.cli import main as qgssl_main
+from qgssl_monai.data.manifest import ManifestError, load_split, write_manifest
+from qgssl_monai.data.validation import (
+    assert_valid_manifest,
+    check_file,
+    mask_value_problem,
+    validate_manifest,
+    write_clean_manifest,
+)
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(path)
+    return str(path)
+
+
+def _rgb(h: int = 6, w: int = 8) -> np.ndarray:
+    return (np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3) * 5).astype(np.uint8)
+
+
+def _mask(h: int = 6, w: int = 8, high: int = 255) -> np.ndarray:
+    mask = np.zeros((h, w), np.uint8)
+    mask[2:4, 2:5] = high
+    return mask
+
+
+def _manifest(tmp_path: Path, training: list[dict], unlabeled: list[dict] | None = None, test: list[dict] | None = None) -> Path:
+    return write_manifest(
+        tmp_path / "manifest.json",
+        {"training": training, "validation": [], "test": test or [], "unlabeled": unlabeled or []},
+        data_root=tmp_path / "data",
+        name="t",
+    )
+
+
+def _pair(root: Path, name: str, image: np.ndarray | None = None, mask: np.ndarray | None = None,
+          image_suffix: str = ".jpg") -> dict:  # fmt: skip
+    return {
+        "image": _save(root / "images" / f"{name}{image_suffix}", _rgb() if image is None else image),
+        "label": _save(root / "masks" / f"{name}.png", _mask() if mask is None else mask),
+    }
+
+
+def test_clean_manifest_passes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    rgb_equal = np.repeat(_mask()[..., None], 3, axis=2)  # RGB mask with equal channels = single channel
+    training = [
+        _pair(root, "a"),
+        _pair(root, "b", mask=_mask(high=1)),  # {0, 1}
+        _pair(root, "c", mask=rgb_equal),
+        _pair(root, "d", image=_rgb()[..., 0], image_suffix=".bmp"),  # grey BMP (decoded: no cheap trailer)
+        _pair(root, "e", image_suffix=".tif"),
+    ]
+    _save(root / "masks" / "f.png", _mask(), mode="1")  # 1-bit mask
+    training.append({"image": _save(root / "images" / "f.png", _rgb()), "label": str(root / "masks" / "f.png")})
+    unlabeled = [{"image": _save(root / "images" / "u.png", _rgb(10, 10))}]
+    report = validate_manifest(_manifest(tmp_path, training, unlabeled))
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.counts == {"training": 6, "validation": 0, "test": 0, "unlabeled": 1}
+    assert report.summary().endswith(f"OK (6 training, 0 validation, 0 test, 1 unlabeled; data root {root})")
+    assert assert_valid_manifest(tmp_path / "manifest.json").ok
+
+
+def _broken_manifest(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """One entry per bad-input kind; returns the manifest and the expected message per file name."""
+    root = tmp_path / "data"
+    good = _pair(root, "good")
+    missing_image = {"image": str(root / "images" / "missing.jpg"), "label": _save(root / "masks" / "m1.png", _mask())}
+    missing_mask = {"image": _save(root / "images" / "m2.jpg", _rgb()), "label": str(root / "masks" / "missing.png")}
+    empty = _pair(root, "empty")
+    Path(empty["image"]).write_bytes(b"")
+    unreadable = _pair(root, "text")
+    Path(unreadable["label"]).write_text("this is not a PNG")
+    noisy = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)  # header << payload
+    truncated_jpeg = _pair(root, "trunc", image=noisy, mask=_mask(32, 40))
+    data = Path(truncated_jpeg["image"]).read_bytes()
+    Path(truncated_jpeg["image"]).write_bytes(data[: len(data) // 2])
+    truncated_mask = _pair(root, "truncmask")
+    data = Path(truncated_mask["label"]).read_bytes()
+    Path(truncated_mask["label"]).write_bytes(data[: len(data) - 20])
+    mismatch = _pair(root, "size", mask=_mask(8, 6))
+    grey = _mask()
+    grey[0, 0] = 128
+    non_binary = _pair(root, "grey", mask=grey)
+    colour = np.zeros((6, 8, 3), np.uint8)
+    colour[1, 1] = (255, 0, 0)
+    multi = _pair(root, "rgb", mask=colour)
+    no_label = {"image": _save(root / "images" / "nolabel.jpg", _rgb())}
+    training = [good, missing_image, missing_mask, empty, unreadable, truncated_jpeg, truncated_mask, mismatch,
+                non_binary, multi, no_label]  # fmt: skip
+    leak = [{"image": good["image"]}]  # a training image listed again as unlabeled
+    expected = {
+        "missing.jpg": "missing file",
+        "missing.png": "missing file",
+        "empty.jpg": "empty file",
+        "text.png": "unreadable image (not a recognised image format)",
+        "trunc.jpg": "truncated image (file ends before the end-of-image marker)",
+        "truncmask.png": "truncated image (file ends before the end-of-image marker)",
+        "size.png": "size mismatch: image 8x6, mask 6x8",
+        "grey.png": "non-binary mask: 3 distinct values (0, 128, 255), 2.08% of pixels not 0/255",
+        "rgb.png": "multi-channel mask (3 channels that differ)",
+        "nolabel.jpg": "labeled entry has no 'label'",
+    }
+    return _manifest(tmp_path, training, leak), expected
+
+
+def test_every_bad_kind_is_reported_with_its_path(tmp_path: Path) -> None:
+    manifest, expected = _broken_manifest(tmp_path)
+    report = validate_manifest(manifest)
+    found = {Path(p.path).name: p.message for p in report.problems if p.split == "training"}
+    assert found == expected
+    leak = [p for p in report.problems if p.split == "unlabeled"]
+    assert [(p.index, p.message) for p in leak] == [(0, "leakage: also listed as training[0]")]
+    assert report.bad_entries == {("training", i) for i in range(1, 11)} | {("unlabeled", 0)}
+    line = str(next(p for p in report.problems if p.message == "empty file"))
+    assert line == f"{tmp_path / 'data' / 'images' / 'empty.jpg'}: empty file (training[3].image)"
+    with pytest.raises(ManifestError) as raised:
+        assert_valid_manifest(manifest)
+    message = str(raised.value)
+    assert "11 problem(s) in 11 entries" in message and "--skip-bad" in message
+    assert all(text in message for text in expected.values())
+
+
+def test_only_requested_splits_are_checked_and_duplicates_found(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    entry = _pair(root, "a")
+    manifest = _manifest(tmp_path, [entry, dict(entry)], test=[{"image": str(root / "images" / "gone.jpg"), "label": entry["label"]}])
+    report = validate_manifest(manifest, splits=["training"])
+    assert [str(p.message) for p in report.problems] == ["duplicate as training[0]"]
+    assert report.counts == {"training": 2}
+    assert [p.message for p in validate_manifest(manifest, splits=["test"]).problems] == ["missing file"]
+    with pytest.raises(ManifestError, match="unknown split"):
+        validate_manifest(manifest, splits=["train"])
+
+
+def test_missing_data_root_is_one_problem(tmp_path: Path) -> None:
+    manifest, _ = _broken_manifest(tmp_path)
+    report = validate_manifest(manifest, data_root=tmp_path / "elsewhere")
+    assert [str(p) for p in report.problems] == [
+        f"{tmp_path / 'elsewhere'}: data root folder not found (pass --root / data_root=) (data_root)"
+    ]
+    with pytest.raises(ManifestError, match="cannot clean"):
+        write_clean_manifest(report, tmp_path / "clean.json")
+
+
+def test_mask_value_rules_and_grey_tolerance() -> None:
+    assert mask_value_problem(np.array([[0, 255]], np.uint8)) is None
+    assert mask_value_problem(np.array([[0, 1]], np.int16)) is None
+    assert mask_value_problem(np.array([[True, False]])) is None
+    assert mask_value_problem(np.zeros((2, 2), np.uint8)) is None  # empty mask is still binary
+    assert mask_value_problem(np.array([[0, 1, 255]], np.uint8)) == (
+        "non-binary mask: 3 distinct values (0, 1, 255), 33.33% of pixels not 0/255"
+    )
+    assert mask_value_problem(np.array([[0, 2]], np.uint8)).startswith("non-binary mask: 2 distinct values (0, 2)")
+    jpeg_like = np.full((10, 10), 255, np.uint8)
+    jpeg_like[0, :3] = (3, 250, 0)  # 2 of 100 pixels are neither 0 nor 255
+    assert mask_value_problem(jpeg_like, grey_tolerance=0.02) is None
+    assert mask_value_problem(jpeg_like, grey_tolerance=0.01) is not None
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 3] = 255  # constant alpha is not a label channel
+    assert mask_value_problem(rgba) is None
+
+
+def test_nifti_files_are_checked(tmp_path: Path) -> None:
+    nib = pytest.importorskip("nibabel")
+    image = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), image)
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.array([0, 1, 2] * 40, np.uint8).reshape(4, 5, 6), np.eye(4)), mask)
+    assert check_file(image, is_mask=False).size == (4, 5, 6)
+    check = check_file(mask, is_mask=True)
+    assert check.size == (4, 5, 6) and check.problems[0].startswith("non-binary mask: 3 distinct values (0, 1, 2)")
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(mask.read_bytes()[:-30])
+    assert check_file(truncated, is_mask=True).problems[0].startswith("unreadable NIfTI")
+
+
+def test_write_clean_manifest_drops_bad_entries(tmp_path: Path) -> None:
+    manifest, _ = _broken_manifest(tmp_path)
+    report = validate_manifest(manifest)
+    clean, skipped = write_clean_manifest(report, tmp_path / "cleaned" / "clean.json")
+    content = json.loads(clean.read_text())
+    assert (content["num_training"], content["num_unlabeled"], content["num_skipped"]) == (1, 0, 11)
+    assert content["data_root"] == "../data" and content["cleaned_from"] == "../manifest.json"
+    assert validate_manifest(clean).ok
+    assert load_split(clean, "training")[0]["image"] == str(tmp_path / "data" / "images" / "good.jpg")
+    listed = json.loads(skipped.read_text())
+    assert skipped.name == "clean.skipped.json" and len(listed) == 11
+    assert listed[0]["split"] == "training" and listed[0]["index"] == 1
+    assert listed[0]["problems"] == ["image: missing file"]
+
+
+def test_validate_manifest_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, expected = _broken_manifest(tmp_path)
+    assert qgssl_main(["validate-manifest", str(manifest), "--quiet"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 12  # 11 problems + summary
+    assert lines[-1].startswith(f"{manifest}: 11 problem(s)")
+    assert qgssl_main(["validate-manifest", str(manifest), "--skip-bad", "--quiet"]) == 0
+    assert "wrote cleaned manifest" in capsys.readouterr().out
+    clean = tmp_path / "manifest.clean.json"
+    assert qgssl_main(["validate-manifest", str(clean)]) == 0
+    assert ": OK (1 training" in capsys.readouterr().out
+    assert qgssl_main(["validate-manifest", str(tmp_path / "none.json")]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+    # --root overrides the recorded data root
+    assert qgssl_main(["validate-manifest", str(clean), "--root", str(tmp_path)]) == 1
+
+
+def test_demo_data_cli_forwards_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls = []
+
+    def fake_generate(out_dir, *, seed=0, **kwargs):  # test double for the demo engineer's generator
+        calls.append((str(out_dir), seed, kwargs))
+        return Path(out_dir) / "manifest.json"
+
+    monkeypatch.setitem(sys.modules, "qgssl_monai.data.demo", types.SimpleNamespace(generate_demo_dataset=fake_generate))
+    out = str(tmp_path / "demo")
+    assert qgssl_main(["demo-data", "--out", out, "--seed", "3", "--size", "32", "--n-labeled", "4"]) == 0
+    assert calls == [(out, 3, {"n_labeled": 4, "image_size": 32})]
+    assert f"manifest {out}/manifest.json" in capsys.readouterr().out
