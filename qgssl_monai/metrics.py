@@ -117,7 +117,9 @@ def mean_se(values: Sequence[float] | np.ndarray | torch.Tensor) -> tuple[float,
     return float(array.mean()), float(array.std(ddof=1) / math.sqrt(array.size))
 
 
-def summarize_metrics(per_image: Mapping[str, Sequence[float] | np.ndarray | torch.Tensor]) -> dict[str, dict[str, float]]:
+def summarize_metrics(
+    per_image: Mapping[str, Sequence[float] | np.ndarray | torch.Tensor],
+) -> dict[str, dict[str, float]]:
     """``{"dice": [..], ...}`` per-image values -> ``{"dice": {"mean": m, "se": s, "n": n}, ...}`` (key order kept)."""
     summary: dict[str, dict[str, float]] = {}
     for name, values in per_image.items():

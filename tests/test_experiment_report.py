@@ -50,8 +50,8 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     for method in METHODS:
         for seed in SEEDS:
             key = f"ssl:{method}:unet:{seed}"
-            run_id = tracker.create(key, {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": key, "qgssl_step_hash": "h"})
-            tracker.log_params(run_id, {"method": method, "network": "unet", "seed": seed})
+            run_id = tracker.create(key, {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": key, "qgssl_step_hash": "h",
+                                          "qgssl_method": method, "qgssl_network": "unet", "qgssl_seed": str(seed)})  # fmt: skip
             dsc = per_image_dsc(method, seed)
             frame = pd.DataFrame({"image": IMAGES, "dsc": dsc, "iou": dsc / (2 - dsc), "hd95": 1.0, "asd": 0.5})
             csv = out / f"{method}_{seed}" / Path(PER_IMAGE_ARTIFACT).name
@@ -63,12 +63,12 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
                 tracker.log_metrics(run_id, {"val_dsc": value + 0.001 * seed}, step=epoch)
             tracker.finish(run_id)
     # an unfinished run and a run of another step hash must both be ignored when hashes are given
-    stale = tracker.create("ssl:sup:unet:9", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:sup:unet:9", "qgssl_step_hash": "old"})
-    tracker.log_params(stale, {"method": "sup", "network": "unet", "seed": 9})
+    stale = tracker.create("ssl:sup:unet:9", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:sup:unet:9",
+                                              "qgssl_step_hash": "old", "qgssl_method": "sup", "qgssl_network": "unet", "qgssl_seed": "9"})  # fmt: skip
     tracker.log_metrics(stale, {"test_dsc_mean": 0.99, "test_iou_mean": 0.99})
     tracker.finish(stale)
-    running = tracker.create("ssl:mt:unet:7", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:mt:unet:7", "qgssl_step_hash": "h"})
-    tracker.log_params(running, {"method": "mt", "network": "unet", "seed": 7})
+    running = tracker.create("ssl:mt:unet:7", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:mt:unet:7",
+                                               "qgssl_step_hash": "h", "qgssl_method": "mt", "qgssl_network": "unet", "qgssl_seed": "7"})  # fmt: skip
     tracker.log_metrics(running, {"test_dsc_mean": 0.01, "test_iou_mean": 0.01})
     quality = tracker.create("quality:evaluate", {"qgssl_experiment": "report-test", "qgssl_kind": "quality_eval", "qgssl_step": "quality:evaluate", "qgssl_step_hash": "q"})
     pred_csv = out / Path(QUALITY_ARTIFACT).name

@@ -44,9 +44,15 @@ def make_plan(tmp_path: Path, recorders: dict[str, Recorder], config_a: int = 1)
     ]
 
 
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module (creating its schema is the slow part); each test its own experiment."""
+    return default_tracking_uri(tmp_path_factory.mktemp("mlflow"))
+
+
 @pytest.fixture()
-def tracker(tmp_path: Path) -> StepTracker:
-    return StepTracker(default_tracking_uri(tmp_path), "runner-test")
+def tracker(tracking_uri: str, request: pytest.FixtureRequest) -> StepTracker:
+    return StepTracker(tracking_uri, request.node.name)
 
 
 def test_failed_step_resumes_and_finished_steps_are_skipped(tmp_path: Path, tracker: StepTracker) -> None:
@@ -155,10 +161,10 @@ SIGKILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path, tracking_uri: str) -> None:
     script = tmp_path / "standin_experiment.py"
     script.write_text(SIGKILL_SCRIPT)
-    uri = default_tracking_uri(tmp_path)
+    uri = tracking_uri
     env = {**os.environ, "KILL_AT_EPOCH_2": "1"}
     killed = subprocess.run([sys.executable, str(script), str(tmp_path), uri], env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]

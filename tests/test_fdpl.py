@@ -230,7 +230,7 @@ class MeanMaskQuality(nn.Module):
         return (x[:, -1:].flatten(1).mean(1, keepdim=True) * self.scale).clamp(0, 1)
 
 
-def test_fdpl_qw_weights_come_from_quality_weighting_and_are_detached() -> None:
+def test_fdpl_qw_weights_come_from_quality_weighting_and_are_detached(monkeypatch: pytest.MonkeyPatch) -> None:
     student, peer = ConstantLogit(4.0), ConstantLogit(-4.0)
     weighting = QualityWeighting(MeanMaskQuality())
     calls: list[tuple[int, int]] = []
@@ -241,11 +241,8 @@ def test_fdpl_qw_weights_come_from_quality_weighting_and_are_detached() -> None:
         return original(self, per_sample_loss, image, pseudo_label)
 
     method = FDPLQW(peer, quality_weighting=weighting, crop_size=8, beta=2.0)
-    QualityWeighting.forward = spy
-    try:
-        output = method.unsupervised_loss(_context(student, torch.rand(3, 3, 16, 16)))
-    finally:
-        QualityWeighting.forward = original
+    monkeypatch.setattr(QualityWeighting, "forward", spy)
+    output = method.unsupervised_loss(_context(student, torch.rand(3, 3, 16, 16)))
     # four pseudo-label sets scored on the 3-channel crops of side 8
     assert calls == [(3, 8)] * 4
     weights = output.quality_weights

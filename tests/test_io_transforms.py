@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import nibabel as nib
@@ -84,7 +85,8 @@ MASK_ENCODINGS = [
 @pytest.mark.parametrize("name", MASK_ENCODINGS)
 def test_every_mask_encoding_normalises_to_the_same_binary_mask(tmp_path: Path, name: str) -> None:
     path = _mask_files(tmp_path)[name]
-    load = LoadImaged(keys="label", reader=RasterImageReader(converter=mask_converter), dtype=None, ensure_channel_first=True)
+    reader = RasterImageReader(converter=mask_converter)
+    load = LoadImaged(keys="label", reader=reader, dtype=None, ensure_channel_first=True)
     mask = NormalizeBinaryMask()(load({"label": str(path)})["label"])
     assert mask.shape == (1, HEIGHT, WIDTH) and mask.dtype == torch.float32
     np.testing.assert_array_equal(mask[0].numpy(), _object().astype(np.float32))
@@ -122,7 +124,8 @@ def test_intensity_scaling_by_dtype() -> None:
     floats = torch.tensor([0.25, 0.75], dtype=torch.float64)
     assert torch.equal(scale(floats), floats.float())
     assert scale(torch.tensor([True, False])).tolist() == [1.0, 0.0]
-    assert torch.allclose(ScaleToUnitRange(max_value=4095)(torch.tensor([4095], dtype=torch.int32)), torch.tensor([1.0]))
+    twelve_bit = ScaleToUnitRange(max_value=4095)(torch.tensor([0, 4095], dtype=torch.int32))
+    assert torch.allclose(twelve_bit, torch.tensor([0.0, 1.0]))
 
 
 def test_channel_conventions() -> None:
@@ -141,7 +144,8 @@ def _image_files(tmp_path: Path) -> tuple[np.ndarray, dict[str, Path]]:
     """A (24, 40, 3) uint8 RGB pattern saved in several formats; grey variants hold its red channel."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
-    files = {name: tmp_path / name for name in ("rgb.png", "rgb.bmp", "rgb.tif", "rgba.png", "grey.png", "grey16.png", "palette.png", "grey.nii.gz")}
+    names = ("rgb.png", "rgb.bmp", "rgb.tif", "rgba.png", "grey.png", "grey16.png", "palette.png", "grey.nii.gz")
+    files = {name: tmp_path / name for name in names}
     Image.fromarray(rgb).save(files["rgb.png"])
     Image.fromarray(rgb).save(files["rgb.bmp"])
     Image.fromarray(rgb).save(files["rgb.tif"])
@@ -228,7 +232,8 @@ def test_augmentation_is_reproducible_and_keeps_pairs_aligned(tmp_path: Path) ->
     for seed in (5, 5, 6):
         chain.set_random_state(seed)
         outputs.append(chain(dict(sample)))
-    assert torch.equal(outputs[0]["image"], outputs[1]["image"]) and torch.equal(outputs[0]["label"], outputs[1]["label"])
+    assert torch.equal(outputs[0]["image"], outputs[1]["image"])
+    assert torch.equal(outputs[0]["label"], outputs[1]["label"])
     assert not torch.equal(outputs[0]["image"], outputs[2]["image"])
     plain = get_seg_transforms(32, train=False)(dict(sample))
     for out in outputs:
@@ -249,6 +254,16 @@ def test_eval_and_no_augment_chains_are_deterministic(tmp_path: Path) -> None:
         assert torch.equal(first["image"], second["image"]) and torch.equal(first["label"], second["label"])
 
 
+def test_chains_pickle_for_worker_processes(tmp_path: Path) -> None:
+    """DataLoader workers (spawn) and bundle parsing need picklable chains; the copy behaves the same."""
+    sample = _paired_sample(tmp_path)
+    chain = get_seg_transforms(32, train=True, aug_prob=1.0)
+    clone = pickle.loads(pickle.dumps(chain))
+    chain.set_random_state(3)
+    clone.set_random_state(3)
+    assert torch.equal(chain(dict(sample))["image"], clone(dict(sample))["image"])
+
+
 def test_chains_batch_the_demo_set(demo_manifest: Path) -> None:
     labeled = Dataset(load_split(demo_manifest, "training")[:4], transform=get_seg_transforms(32, train=True))
     batch = next(iter(DataLoader(labeled, batch_size=4, num_workers=0)))
@@ -264,11 +279,12 @@ def test_chains_batch_the_demo_set(demo_manifest: Path) -> None:
 
 
 @pytest.mark.realdata
-def test_real_kvasir_pair_loads(real_data_root: Path) -> None:
-    images = sorted((real_data_root / "kvasir-seg" / "images").glob("*.jpg"))[:1]
+@pytest.mark.parametrize("dataset, pattern", [("kvasir-seg", "*.jpg"), ("cvc-clinicdb", "*.png")])
+def test_real_pair_loads_and_restores(real_data_root: Path, dataset: str, pattern: str) -> None:
+    images = sorted((real_data_root / dataset / "images").glob(pattern))[:1]
     if not images:
-        pytest.skip("kvasir-seg images absent")
-    mask = real_data_root / "kvasir-seg" / "masks" / f"{images[0].stem}.png"
+        pytest.skip(f"{dataset} images absent")
+    mask = real_data_root / dataset / "masks" / f"{images[0].stem}.png"
     out = get_seg_transforms(64, train=False)({"image": str(images[0]), "label": str(mask)})
     width, height = Image.open(images[0]).size
     assert original_spatial_shape(out["image"]) == (height, width)

@@ -131,6 +131,7 @@ def test_load_split_returns_absolute_paths_and_honours_overrides(tmp_path: Path)
     assert load_decathlon_datalist(manifest, data_list_key="validation", base_dir=resolve_data_root(manifest)) == [
         {"image": str(data / "images" / "b.png"), "label": str(data / "masks" / "b.png")}
     ]
+    assert load_split(manifest, "training", data_root="") == load_split(manifest, "training")  # "" = no override
     moved = tmp_path / "moved"
     moved.mkdir()
     assert load_split(manifest, "training", data_root=moved)[0]["image"] == str(moved / "images" / "a.png")

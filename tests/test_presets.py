@@ -261,10 +261,11 @@ def test_cross_source_unlabeled_root_and_labeled_fraction(tmp_path: Path) -> Non
     for k in range(4):
         _image(unlabeled_root / "images" / f"k{k}.jpg")
         _image(unlabeled_root / "masks" / f"k{k}.png", mode="L")
+    (unlabeled_root / "SOURCE.txt").write_text("Kvasir snapshot\n\nCC BY 4.0\n")
     out = prepare_manifest("folders", labeled_root, tmp_path / "m" / "x.json", unlabeled_roots=[unlabeled_root])
     content = json.loads(out.read_text())
     assert content["data_root"] == "../data" and content["name"] == "folders+unlabeled-kvasir"
-    assert content["unlabeled_sources"] == ["kvasir"]
+    assert content["unlabeled_sources"] == [{"path": "kvasir", "source_notes": ["Kvasir snapshot", "CC BY 4.0"]}]
     assert content["training"][0]["image"].startswith("cvc/images/")
     assert [Path(e["image"]).name for e in load_split(out, "unlabeled")] == [f"k{k}.jpg" for k in range(4)]
     assert all(Path(e["image"]).is_file() for e in load_split(out, "unlabeled"))
@@ -288,3 +289,32 @@ def test_prepare_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert f"data folder not found: {root / 'missing'}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         qgssl_main(["prepare", "no-such-preset", "--root", str(root)])
+
+
+def test_groups_file_keeps_groups_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "colondb"
+    for n in range(1, 31):
+        _image(root / "images" / f"{n}.png")
+        _image(root / "masks" / f"{n}.png", mode="L")
+    groups = tmp_path / "videos.csv"
+    groups.write_text("stem,group\n" + "".join(f"{n},video{(n - 1) // 5}\n" for n in range(1, 31)))  # 6 videos
+    out = prepare_manifest("cvc-colondb", root, tmp_path / "g.json", seed=4, groups_file=groups)
+    owner: dict[str, str] = {}
+    for split in ("training", "validation", "test"):
+        for entry in load_split(out, split):
+            video = f"video{(int(Path(entry['image']).stem) - 1) // 5}"
+            assert owner.setdefault(video, split) == split
+    header = json.loads(out.read_text())
+    assert header["split_rule"].endswith("whole groups from videos.csv per split")
+    assert sorted(header["group_splits"]) == [f"video{v}" for v in range(6)]
+    assert sum(_counts(out)) == 30 and all(n % 5 == 0 for n in _counts(out))
+    as_json = tmp_path / "videos.json"
+    as_json.write_text(json.dumps({str(n): f"video{(n - 1) // 5}" for n in range(1, 31)}))
+    again = prepare_manifest("cvc-colondb", root, tmp_path / "j.json", seed=4, groups_file=as_json)
+    assert json.loads(again.read_text())["training"] == header["training"]
+    groups.write_text("stem,group\n1,a\n")
+    with pytest.raises(ManifestError, match=r"29 image\(s\) have no group in .*videos.csv: 2, 3, 4"):
+        prepare_manifest("cvc-colondb", root, tmp_path / "g.json", groups_file=groups)
+    groups.write_text("name,video\n1,a\n")
+    assert qgssl_main(["prepare", "cvc-colondb", "--root", str(root), "--groups", str(groups)]) == 1
+    assert "needs a header with columns 'stem' and 'group'" in capsys.readouterr().err

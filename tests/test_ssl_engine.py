@@ -53,7 +53,9 @@ class DictData(Dataset):
         return item
 
 
-def make_trainer(method: SSLMethod | None = None, n_labeled: int = 4, n_unlabeled: int = 4, **kwargs) -> SemiSupervisedTrainer:
+def make_trainer(
+    method: SSLMethod | None = None, n_labeled: int = 4, n_unlabeled: int = 4, **kwargs
+) -> SemiSupervisedTrainer:
     torch.manual_seed(0)
     network = tiny_unet()
     method = Supervised() if method is None else method
@@ -87,7 +89,13 @@ def test_sup_runs_epoch_length_steps_and_fires_iteration_events() -> None:
     trainer = make_trainer(epoch_length=5, max_epochs=2)  # labeled loader has only 2 batches
     counts = count_events(trainer)
     steps = []
-    trainer.optimizer.step = (lambda step: (lambda *a, **k: (steps.append(1), step(*a, **k))[1]))(trainer.optimizer.step)
+    original_step = trainer.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        steps.append(1)
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = counting_step
     trainer.run()
     assert trainer.state.iteration == 10 and trainer.state.epoch == 2
     assert len(steps) == 10
@@ -123,8 +131,12 @@ class ConstantUnsup(SSLMethod):
 
     def unsupervised_loss(self, ctx: StepContext) -> MethodOutput:
         value = ctx.student_logits_u().mean()
-        return MethodOutput(unsup_loss=value, extra_sup_loss=torch.tensor(0.25), quality_weights=torch.tensor([0.2, 0.6]),
-                            logs={"probe": torch.tensor(3.0)})
+        return MethodOutput(
+            unsup_loss=value,
+            extra_sup_loss=torch.tensor(0.25),
+            quality_weights=torch.tensor([0.2, 0.6]),
+            logs={"probe": torch.tensor(3.0)},
+        )
 
 
 def test_total_loss_composition_outputs_and_state_are_grad_free() -> None:
@@ -178,7 +190,8 @@ def test_stock_handlers_and_checkpoint_of_method(tmp_path) -> None:
         StatsHandler(name="ssl_test", output_transform=from_engine(["loss"], first=True), tag_name="train_loss"),
     ]
     trainer = make_trainer(method, epoch_length=2, max_epochs=1, train_handlers=handlers)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(output_transform=from_engine(["loss"], first=True)))
+    nan_guard = TerminateOnNan(output_transform=from_engine(["loss"], first=True))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, nan_guard)
     scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=1, gamma=0.5)
     LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     CheckpointSaver(str(tmp_path), {"network": trainer.network, "method": method}, save_final=True,

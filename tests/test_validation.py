@@ -69,10 +69,13 @@ def test_clean_manifest_passes(tmp_path: Path) -> None:
     _save(root / "masks" / "f.png", _mask(), mode="1")  # 1-bit mask
     training.append({"image": _save(root / "images" / "f.png", _rgb()), "label": str(root / "masks" / "f.png")})
     unlabeled = [{"image": _save(root / "images" / "u.png", _rgb(10, 10))}]
+    padded = Path(_save(root / "images" / "padded.jpg", _rgb()))
+    padded.write_bytes(padded.read_bytes() + b"\0" * 2000)  # data after the end marker: decodes, so not truncated
+    unlabeled.append({"image": str(padded)})
     report = validate_manifest(_manifest(tmp_path, training, unlabeled))
     assert report.ok, [str(p) for p in report.problems]
-    assert report.counts == {"training": 6, "validation": 0, "test": 0, "unlabeled": 1}
-    assert report.summary().endswith(f"OK (6 training, 0 validation, 0 test, 1 unlabeled; data root {root})")
+    assert report.counts == {"training": 6, "validation": 0, "test": 0, "unlabeled": 2}
+    assert report.summary().endswith(f"OK (6 training, 0 validation, 0 test, 2 unlabeled; data root {root})")
     assert assert_valid_manifest(tmp_path / "manifest.json").ok
 
 
@@ -90,9 +93,10 @@ def _broken_manifest(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     truncated_jpeg = _pair(root, "trunc", image=noisy, mask=_mask(32, 40))
     data = Path(truncated_jpeg["image"]).read_bytes()
     Path(truncated_jpeg["image"]).write_bytes(data[: len(data) // 2])
-    truncated_mask = _pair(root, "truncmask")
+    speckle = np.random.default_rng(1).integers(0, 2, (32, 40), dtype=np.uint8) * 255
+    truncated_mask = _pair(root, "truncmask", image=_rgb(32, 40), mask=speckle)
     data = Path(truncated_mask["label"]).read_bytes()
-    Path(truncated_mask["label"]).write_bytes(data[: len(data) - 20])
+    Path(truncated_mask["label"]).write_bytes(data[: len(data) // 2])
     mismatch = _pair(root, "size", mask=_mask(8, 6))
     grey = _mask()
     grey[0, 0] = 128
@@ -185,9 +189,42 @@ def test_nifti_files_are_checked(tmp_path: Path) -> None:
     assert check_file(image, is_mask=False).size == (4, 5, 6)
     check = check_file(mask, is_mask=True)
     assert check.size == (4, 5, 6) and check.problems[0].startswith("non-binary mask: 3 distinct values (0, 1, 2)")
+    assert check_file(mask, is_mask=True, label_rule="nonzero").problems == []  # e.g. BraTS {0,1,2,4}: label > 0
     truncated = tmp_path / "cut.nii.gz"
     truncated.write_bytes(mask.read_bytes()[:-30])
     assert check_file(truncated, is_mask=True).problems[0].startswith("unreadable NIfTI")
+
+
+def test_nrrd_files_are_checked_through_itk(tmp_path: Path) -> None:
+    itk = pytest.importorskip("itk")
+    volume = np.zeros((3, 4, 5), np.uint8)  # (z, y, x)
+    volume[1, 1:3, 1:3] = 255
+    image, mask, cut = tmp_path / "lgemri.nrrd", tmp_path / "laendo.nrrd", tmp_path / "cut.nrrd"
+    itk.imwrite(itk.image_from_array(volume.astype(np.float32)), str(image))
+    itk.imwrite(itk.image_from_array(volume), str(mask))
+    assert check_file(image, is_mask=False) == check_file(mask, is_mask=True)
+    assert check_file(mask, is_mask=True).size == (5, 4, 3)  # ITK order (x, y, z)
+    volume[0, 0, 0] = 7
+    itk.imwrite(itk.image_from_array(volume), str(mask))
+    assert check_file(mask, is_mask=True).problems[0].startswith("non-binary mask: 3 distinct values (0, 7, 255)")
+    cut.write_bytes(mask.read_bytes()[:-20])
+    assert check_file(cut, is_mask=True).problems[0].startswith("unreadable image (")
+
+
+def test_label_rule_from_the_manifest_header(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    multi_label = _mask()
+    multi_label[0, :2] = (2, 4)
+    manifest = _manifest(tmp_path, [_pair(root, "a", mask=multi_label)])
+    assert validate_manifest(manifest).problems[0].message.startswith("non-binary mask: 4 distinct values")
+    content = json.loads(manifest.read_text())
+    content["label_rule"] = "nonzero"
+    manifest.write_text(json.dumps(content))
+    assert validate_manifest(manifest).ok
+    content["label_rule"] = "whatever"
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(ManifestError, match="unknown label_rule 'whatever'"):
+        validate_manifest(manifest)
 
 
 def test_write_clean_manifest_drops_bad_entries(tmp_path: Path) -> None:

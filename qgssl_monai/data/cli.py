@@ -28,6 +28,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             unlabeled_roots=args.unlabeled_root or (),
             labeled_fraction=args.labeled_fraction,
             name=args.name,
+            groups_file=args.groups,
         )
     except ManifestError as err:
         print(f"qgssl prepare: {err}", file=sys.stderr)
@@ -131,6 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "--labeled-fraction", type=_fraction, default=1.0,
         help="keep this seeded fraction of training labeled; move the rest to unlabeled (default 1)",
+    )  # fmt: skip
+    prepare.add_argument(
+        "--groups", default=None, metavar="FILE",
+        help="CSV 'stem,group' (or JSON {stem: group}) keeping each group (patient, video) in one split",
     )  # fmt: skip
     prepare.add_argument("--name", default=None, help="manifest name (default: the preset name)")
     prepare.add_argument("--validate", action="store_true", help="validate the written manifest")

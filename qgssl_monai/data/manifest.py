@@ -88,14 +88,15 @@ def resolve_data_root(manifest: str | os.PathLike, data_root: str | os.PathLike 
 
     Args:
         manifest: manifest JSON path.
-        data_root: explicit override (e.g. ``--root``); wins over the manifest's ``"data_root"`` entry.
+        data_root: explicit override (e.g. ``--root``); wins over the manifest's ``"data_root"`` entry
+            (None or ``""``: no override).
 
     Returns:
         ``data_root`` if given; else the manifest's ``"data_root"`` entry resolved relative to the manifest
         file; else the manifest's folder. The result is absolute and normalised; it is not checked to exist.
     """
     path = Path(manifest).resolve()
-    if data_root is not None:
+    if data_root is not None and str(data_root) != "":
         return Path(os.path.normpath(Path(data_root).expanduser().resolve()))
     recorded = load_manifest(path).get("data_root")
     if recorded in (None, ""):

@@ -13,6 +13,9 @@ the bottom of this module so that :data:`PRESETS` is complete once this module i
 from __future__ import annotations
 
 import bisect
+import csv
+import io
+import json
 import logging
 import os
 import re
@@ -43,6 +46,7 @@ __all__ = [
     "mask_key",
     "pair_by_stem",
     "prepare_manifest",
+    "read_groups",
     "register_preset",
     "scan_unlabeled_folder",
 ]
@@ -75,6 +79,9 @@ class DatasetInfo:
     citation: str = ""
     licence: str = ""
     labels: Mapping[str, str] = field(default_factory=lambda: {"0": "background", "1": "foreground"})
+    # how masks become binary targets: "binary" (stored {0,1}/{0,255}) or "nonzero" (multi-label, label > 0);
+    # written to the manifest header and honoured by `qgssl validate-manifest`
+    label_rule: str = "binary"
 
 
 @dataclass
@@ -163,7 +170,9 @@ def _by_key(files: Iterable[Path], key: Callable[[Path], str], folder: Path, wha
     for path in files:
         name = key(path)
         if name in table:
-            raise ManifestError(f"two {what} files share the name {name!r} in {folder}: {table[name].name}, {path.name}")
+            raise ManifestError(
+                f"two {what} files share the name {name!r} in {folder}: {table[name].name}, {path.name}"
+            )
         table[name] = path
     return table
 
@@ -379,7 +388,9 @@ def scan_ph2(root: Path) -> ScanResult:
         else:
             missing.append(str(image if not image.is_file() else mask))
     if missing:
-        raise ManifestError(f"{len(missing)} PH2 case(s) under {base} lack an image or lesion mask: {', '.join(missing[:10])}")
+        raise ManifestError(
+            f"{len(missing)} PH2 case(s) under {base} lack an image or lesion mask: {', '.join(missing[:10])}"
+        )
     return ScanResult(labeled=pairs)
 
 
@@ -463,6 +474,35 @@ def scan_unlabeled(root: Path) -> ScanResult:
 # ----------------------------------------------------------------------------------------------- prepare
 
 
+def read_groups(groups_file: str | os.PathLike, images: Sequence[str]) -> list[str]:
+    """Group label of each image path, from a ``stem,group`` CSV or a ``{stem: group}`` JSON file.
+
+    Raises:
+        ManifestError: unreadable file, missing columns, or images without a group (listed).
+    """
+    path = Path(groups_file)
+    if not path.is_file():
+        raise ManifestError(f"groups file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"groups file {path} is not valid JSON: {err}") from err
+        if not isinstance(table, dict):
+            raise ManifestError(f"groups file {path} must hold a JSON object {{stem: group}}")
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or not {"stem", "group"} <= set(reader.fieldnames):
+            raise ManifestError(f"groups file {path} needs a header with columns 'stem' and 'group'")
+        table = {row["stem"].strip(): row["group"].strip() for row in reader}
+    stems = [Path(image).stem for image in images]
+    missing = sorted({stem for stem in stems if stem not in table}, key=natural_key)
+    if missing:
+        raise ManifestError(f"{len(missing)} image(s) have no group in {path}: {', '.join(missing[:10])}")
+    return [str(table[stem]) for stem in stems]
+
+
 def _read_source_notes(root: Path) -> list[str]:
     notes = root / "SOURCE.txt"
     if not notes.is_file():
@@ -480,6 +520,7 @@ def prepare_manifest(
     labeled_fraction: float = 1.0,
     ratios: Sequence[float] = SPLIT_RATIOS,
     name: str | None = None,
+    groups_file: str | os.PathLike | None = None,
 ) -> Path:
     """Build and write a manifest from a data set folder.
 
@@ -493,6 +534,9 @@ def prepare_manifest(
         labeled_fraction: keep this seeded fraction of ``training`` labeled; the rest go to ``unlabeled``.
         ratios: training/validation/test fractions by image count.
         name: manifest ``name``; default the preset name (``+unlabeled-<folder>`` per extra source).
+        groups_file: CSV with columns ``stem,group`` (or a JSON object ``{stem: group}``) assigning every
+            labeled image (by file stem) to a group, e.g. patient or video; overrides the preset's groups so
+            that whole groups stay in one split.
 
     Returns:
         The manifest path. Entries are relative to the common folder of ``root`` and ``unlabeled_roots``,
@@ -510,6 +554,9 @@ def prepare_manifest(
     extra_unlabeled = [entry for extra in extra_roots for entry in scan_unlabeled_folder(extra)]
 
     keys = [entry["image"] for entry in scanned.labeled]
+    if groups_file is not None:
+        scanned.groups = read_groups(groups_file, keys)
+        scanned.group_rule = f"whole groups from {Path(groups_file).name} per split"
     assignment = grouped_split(keys, seed=seed, ratios=ratios, groups=scanned.groups)
     by_image = {entry["image"]: entry for entry in scanned.labeled}
     splits: dict[str, list[dict[str, str]]] = {s: [by_image[k] for k in assignment[s]] for s in assignment}
@@ -534,10 +581,14 @@ def prepare_manifest(
     extra_header: dict[str, Any] = {
         "preset": preset,
         "labels": dict(spec.info.labels),
+        "label_rule": spec.info.label_rule,
         "labeled_fraction": labeled_fraction,
     }
     if extra_roots:
-        extra_header["unlabeled_sources"] = [Path(os.path.relpath(r, data_root)).as_posix() for r in extra_roots]
+        extra_header["unlabeled_sources"] = [
+            {"path": Path(os.path.relpath(r, data_root)).as_posix(), "source_notes": _read_source_notes(r)}
+            for r in extra_roots
+        ]
     if scanned.groups is not None:
         group_of = dict(zip(keys, scanned.groups))
         extra_header["group_splits"] = {

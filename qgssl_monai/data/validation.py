@@ -6,7 +6,9 @@ the image's size, one channel (an RGB mask with equal channels counts as one) an
 
 Images are only opened for their header (PIL reads the size without decoding); truncation is detected from
 the file trailer (JPEG end-of-image marker, PNG ``IEND`` chunk) and other formats are decoded. Masks are
-always decoded, to check their values. NIfTI files are read with nibabel (header shape; masks decoded).
+always decoded, to check their values (``{0, 1}``/``{0, 255}``, or any values when the manifest header says
+``"label_rule": "nonzero"``, i.e. multi-label maps binarised as ``label > 0``). NIfTI files are read with
+nibabel and NRRD/MetaImage/DICOM with ITK (header size; masks decoded).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from qgssl_monai.data.manifest import LABELED_SPLITS, SPLITS, ManifestError, load_manifest, resolve_data_root
 
 __all__ = [
+    "LABEL_RULES",
     "FileCheck",
     "Problem",
     "ValidationReport",
@@ -37,6 +40,10 @@ __all__ = [
 ]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# read through ITK (header-only unless decoded)
+_ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+# manifest "label_rule" values: how masks become binary targets
+LABEL_RULES: tuple[str, ...] = ("binary", "nonzero")
 _TRAILER_BYTES = 1024
 # show a progress bar from this many entries on
 _PROGRESS_MIN_ENTRIES = 200
@@ -100,40 +107,57 @@ class FileCheck:
     problems: list[str]
 
 
-def mask_value_problem(mask: np.ndarray, grey_tolerance: float = 0.0) -> str | None:
+def mask_value_problem(
+    mask: np.ndarray, grey_tolerance: float = 0.0, *, channels_last: bool | None = None, label_rule: str = "binary"
+) -> str | None:
     """Why a decoded mask array is not a binary single-channel mask, or None when it is.
 
     Args:
-        mask: ``(H, W)``, ``(H, W, C)`` (PIL layout) or 3D array.
+        mask: ``(H, W)``, ``(H, W, C)`` (PIL layout) or a 3D volume.
         grey_tolerance: fraction of pixels in ``[0, 1)`` allowed to hold values other than ``{0, hi}``
             (``hi`` = 1 or 255), e.g. for JPEG-compressed masks that are thresholded at load time.
+        channels_last: whether a trailing axis of size 2-4 is colour channels; None guesses so for 3D
+            arrays (2D PIL images); pass False for volumes.
+        label_rule: the manifest's ``label_rule``: ``"binary"`` (values ``{0, 1}`` or ``{0, 255}``) or
+            ``"nonzero"`` (multi-label maps binarised as ``label > 0`` at load time: any values accepted).
 
     Returns:
         ``"multi-channel mask ..."`` / ``"non-binary mask ..."`` or None.
     """
-    if mask.ndim == 3 and mask.shape[-1] in (2, 3, 4) and mask.dtype != bool:
+    if label_rule not in LABEL_RULES:
+        raise ManifestError(f"unknown label_rule {label_rule!r}; expected one of {', '.join(LABEL_RULES)}")
+    if channels_last is None:
+        channels_last = mask.ndim == 3 and mask.shape[-1] in (2, 3, 4)
+    if channels_last and mask.dtype != bool:
         channels = mask.shape[-1]
         colour = mask[..., : 3 if channels >= 3 else 1]  # alpha (LA / RGBA) is not a label channel
         if any(not np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
             return f"multi-channel mask ({channels} channels that differ)"
         mask = colour[..., 0]
-    if mask.dtype == bool:
+    if mask.dtype == bool or label_rule == "nonzero":
         return None
-    if mask.dtype == np.uint8:
-        counts = np.bincount(mask.ravel(), minlength=256)
-        values = np.flatnonzero(counts)
+    if mask.dtype.kind in "ui" and mask.size and 0 <= mask.min() and mask.max() <= np.iinfo(np.uint16).max:
+        # counting is linear; np.unique sorts (slow on large volumes)
+        histogram = np.bincount(mask.ravel().astype(np.intp, copy=False))
+        counts = {int(v): int(histogram[v]) for v in np.flatnonzero(histogram)}
     else:
-        values, counts_present = np.unique(mask, return_counts=True)
-        counts = dict(zip(values.tolist(), counts_present.tolist()))
-    present = set(values.tolist())
+        values, occurrences = np.unique(mask, return_counts=True)
+        counts = dict(zip(values.tolist(), occurrences.tolist()))
+    return _value_problem(counts, grey_tolerance)
+
+
+def _value_problem(counts: dict[float, int], grey_tolerance: float) -> str | None:
+    """:func:`mask_value_problem` on a ``{value: pixel count}`` table of the values present."""
+    present = {v for v, n in counts.items() if n}
     if present <= {0, 1} or present <= {0, 255}:
         return None
+    total = sum(counts.values())
     high = 255 if max(present) > 1 else 1
-    grey = sum(int(counts[v]) for v in present if v not in (0, high))
-    if grey_tolerance > 0 and grey <= grey_tolerance * mask.size:
+    grey = sum(counts[v] for v in present if v not in (0, high))
+    if grey_tolerance > 0 and grey <= grey_tolerance * total:
         return None
     shown = ", ".join(f"{v:g}" for v in sorted(present)[:6]) + (", ..." if len(present) > 6 else "")
-    return f"non-binary mask: {len(present)} distinct values ({shown}), {grey / mask.size:.2%} of pixels not 0/{high}"
+    return f"non-binary mask: {len(present)} distinct values ({shown}), {grey / total:.2%} of pixels not 0/{high}"
 
 
 def _trailer_ok(path: Path, image_format: str | None) -> bool | None:
@@ -146,38 +170,69 @@ def _trailer_ok(path: Path, image_format: str | None) -> bool | None:
     return (b"\xff\xd9" in tail) if image_format == "JPEG" else (b"IEND" in tail)
 
 
-def _check_nifti(path: Path, *, decode: bool, is_mask: bool, grey_tolerance: float) -> FileCheck:
+def _volume_mask_problems(
+    shape: tuple[int, ...], read: Callable[[], np.ndarray], grey_tolerance: float, label_rule: str
+) -> list[str]:
+    if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
+        return [f"multi-channel mask (shape {shape})"]
+    issue = mask_value_problem(
+        np.asarray(read()).reshape(-1), grey_tolerance, channels_last=False, label_rule=label_rule
+    )
+    return [issue] if issue else []
+
+
+def _check_nifti(path: Path, *, decode: bool, is_mask: bool, grey_tolerance: float, label_rule: str) -> FileCheck:
     import nibabel as nib
 
     try:
         volume = nib.load(str(path))
         shape = tuple(int(s) for s in volume.shape)
-        if decode or is_mask:
-            data = np.asanyarray(volume.dataobj)
+        data = np.asanyarray(volume.dataobj) if (decode or is_mask) else None
     except Exception as err:  # nibabel raises many types for corrupt files
         return FileCheck(None, [f"unreadable NIfTI ({type(err).__name__}: {err})"])
-    problems = []
-    if is_mask:
-        if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
-            problems.append(f"multi-channel mask (shape {shape})")
-        else:
-            issue = mask_value_problem(np.asarray(data).reshape(shape[:3]), grey_tolerance)
-            if issue:
-                problems.append(issue)
+    problems = _volume_mask_problems(shape, lambda: data, grey_tolerance, label_rule) if is_mask else []
     return FileCheck(shape[:3], problems)
 
 
-def check_file(path: str | os.PathLike, *, is_mask: bool, decode: bool = False, grey_tolerance: float = 0.0) -> FileCheck:
+def _check_itk(path: Path, *, decode: bool, is_mask: bool, grey_tolerance: float, label_rule: str) -> FileCheck:
+    """NRRD/MetaImage/DICOM: size (x, y, z) from the ITK header; decoded for masks (and with ``decode``)."""
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        return FileCheck(None, ["unreadable image (no ITK reader for this format)"])
+    try:
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+        shape = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
+        components = int(io.GetNumberOfComponents())
+        data = itk.array_from_image(itk.imread(str(path))) if (decode or (is_mask and components == 1)) else None
+    except RuntimeError as err:
+        return FileCheck(None, [f"unreadable image ({str(err).strip().splitlines()[-1]})"])
+    if is_mask and components > 1:
+        return FileCheck(shape, [f"multi-channel mask ({components} components)"])
+    problems = _volume_mask_problems(shape, lambda: data, grey_tolerance, label_rule) if is_mask else []
+    return FileCheck(shape, problems)
+
+
+def check_file(
+    path: str | os.PathLike,
+    *,
+    is_mask: bool,
+    decode: bool = False,
+    grey_tolerance: float = 0.0,
+    label_rule: str = "binary",
+) -> FileCheck:
     """Check one image or mask file.
 
     Args:
         path: file path.
         is_mask: decode and check channels/values.
         decode: decode images fully too (slower; catches corruption inside a complete-looking file).
-        grey_tolerance: see :func:`mask_value_problem`.
+        grey_tolerance, label_rule: see :func:`mask_value_problem`.
 
     Returns:
-        :class:`FileCheck` with the spatial size (``(W, H)`` for 2D images, shape for NIfTI) or the problems
+        :class:`FileCheck` with the spatial size (``(W, H)`` for 2D images, ``(x, y, z)`` for volumes) or the problems
         (``"missing file"``, ``"empty file"``, ``"unreadable image ..."``, ``"truncated image"``, mask issues).
     """
     path = Path(path)
@@ -185,27 +240,39 @@ def check_file(path: str | os.PathLike, *, is_mask: bool, decode: bool = False, 
         return FileCheck(None, ["missing file" if not path.exists() else "not a file"])
     if path.stat().st_size == 0:
         return FileCheck(None, ["empty file"])
-    if path.name.lower().endswith(_NIFTI_SUFFIXES):
-        return _check_nifti(path, decode=decode, is_mask=is_mask, grey_tolerance=grey_tolerance)
+    lowered = path.name.lower()
+    for suffixes, checker in ((_NIFTI_SUFFIXES, _check_nifti), (_ITK_SUFFIXES, _check_itk)):
+        if lowered.endswith(suffixes):
+            return checker(path, decode=decode, is_mask=is_mask, grey_tolerance=grey_tolerance, label_rule=label_rule)
     try:
         with Image.open(path) as image:
             size = tuple(int(s) for s in image.size)
             trailer = _trailer_ok(path, image.format)
-            if trailer is False:
-                return FileCheck(size, ["truncated image (file ends before the end-of-image marker)"])
-            if not (is_mask or decode or trailer is None):
+            if trailer is True and not (is_mask or decode):
                 return FileCheck(size, [])
-            image.load()
+            try:
+                image.load()
+            except OSError:
+                if trailer is False:
+                    return FileCheck(size, ["truncated image (file ends before the end-of-image marker)"])
+                raise
+            # a missing trailer that still decodes (e.g. bytes appended after the JPEG end marker) is fine
+            if is_mask and image.mode in ("L", "1") and label_rule == "binary":
+                # PIL's C histogram is ~2x faster than copying to numpy; "1" bins are 0 and 255
+                histogram = image.histogram()
+                value_issue = _value_problem({v: n for v, n in enumerate(histogram) if n}, grey_tolerance)
+                return FileCheck(size, [value_issue] if value_issue else [])
             array = np.asarray(image) if is_mask else None
     except UnidentifiedImageError:
         return FileCheck(None, ["unreadable image (not a recognised image format)"])
     except OSError as err:
         message = str(err)
-        if "truncated" in message.lower():
-            return FileCheck(None, [f"truncated image ({message})"])
-        return FileCheck(None, [f"unreadable image ({message})"])
+        kind = "truncated" if "truncated" in message.lower() else "unreadable"
+        return FileCheck(None, [f"{kind} image ({message})"])
+    except Exception as err:  # PIL raises SyntaxError/ValueError/DecompressionBombError for corrupt or huge files
+        return FileCheck(None, [f"unreadable image ({type(err).__name__}: {err})"])
     if array is not None:
-        issue = mask_value_problem(array, grey_tolerance)
+        issue = mask_value_problem(array, grey_tolerance, label_rule=label_rule)
         if issue:
             return FileCheck(size, [issue])
     return FileCheck(size, [])
@@ -246,6 +313,11 @@ def validate_manifest(
     path = Path(manifest)
     content = load_manifest(path)
     root = resolve_data_root(path, data_root)
+    label_rule = content.get("label_rule", "binary")
+    if label_rule not in LABEL_RULES:
+        raise ManifestError(
+            f"manifest {path}: unknown label_rule {label_rule!r}; expected one of {', '.join(LABEL_RULES)}"
+        )
     report = ValidationReport(manifest=path, data_root=root, counts={s: len(content.get(s, [])) for s in splits})
     total = sum(report.counts.values())
     if total and not root.is_dir():
@@ -277,7 +349,7 @@ def validate_manifest(
                     report.problems.append(Problem(split, index, "label", image_path, "labeled entry has no 'label'"))
                     continue
                 label_path = os.path.normpath(root / entry["label"])
-                mask = check_file(label_path, is_mask=True, grey_tolerance=grey_tolerance)
+                mask = check_file(label_path, is_mask=True, grey_tolerance=grey_tolerance, label_rule=label_rule)
                 report.problems += [Problem(split, index, "label", label_path, m) for m in mask.problems]
                 if image.size is not None and mask.size is not None and image.size != mask.size:
                     report.problems.append(
@@ -325,7 +397,8 @@ def write_clean_manifest(report: ValidationReport, out: str | os.PathLike) -> tu
         ManifestError: the data root itself was missing (nothing to clean entry by entry).
     """
     if any(p.index < 0 for p in report.problems):
-        raise ManifestError(f"cannot clean {report.manifest}: {'; '.join(str(p) for p in report.problems if p.index < 0)}")
+        reasons = "; ".join(str(p) for p in report.problems if p.index < 0)
+        raise ManifestError(f"cannot clean {report.manifest}: {reasons}")
     content = load_manifest(report.manifest)
     out_path = Path(out).resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,8 @@ def ssl_optimizer_parameters(network: nn.Module, method: SSLMethod) -> list[nn.P
     """All parameters the optimizer must own: the student's plus the method's extra trainable ones.
 
     Calls ``method.setup(network)`` first (idempotent) so peers/heads exist. Use it to build the optimizer
-    in bundle configs, e.g. ``"$torch.optim.Adam(qgssl_monai.engines.ssl_optimizer_parameters(@network, @method), 1e-3)"``.
+    in bundle configs, e.g.
+    ``"$torch.optim.Adam(qgssl_monai.engines.ssl_optimizer_parameters(@network, @method), 1e-3)"``.
     """
     method.setup(network)
     params = [p for p in network.parameters() if p.requires_grad]
@@ -108,7 +109,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         to_kwargs: dict | None = None,
     ) -> None:
         if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast_dtype!r}.")
+            raise ValueError(
+                f"autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast_dtype!r}."
+            )
         device = torch.device(device)
         if autocast_dtype == "fp16" and device.type != "cuda":
             raise ValueError(f"autocast_dtype='fp16' needs a CUDA device (got {device}); use 'bf16' on CPU.")

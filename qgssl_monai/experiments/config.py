@@ -52,8 +52,15 @@ def is_quality_guided(method: str) -> bool:
     return method in QUALITY_GUIDED or method.endswith("_qw")
 
 
+#: ``*_qw`` overlays whose baseline is not simply the name without ``_qw``: PL-QW weights the plain
+#: pseudo-labels that PL-T thresholds
+QW_BASE = {"pl_qw": "pl_t"}
+
+
 def base_of_qw(method: str) -> str | None:
-    """The baseline a ``*_qw`` method is compared against (``mt_qw`` -> ``mt``), or None for a non-QW method."""
+    """The baseline a ``*_qw`` method is compared against (``mt_qw`` -> ``mt``, ``pl_qw`` -> ``pl_t``), or None."""
+    if method in QW_BASE:
+        return QW_BASE[method]
     return method[: -len("_qw")] if method.endswith("_qw") else None
 
 
@@ -101,8 +108,9 @@ class DataSpec:
 class QualitySpec:
     """Quality predictor g: weak-snapshot epochs, training epochs and bundle overrides."""
 
-    weak_epochs: int = 2
-    epochs: int = 10
+    #: epochs after which weak U-Net snapshots are saved (an integer n means 1..n)
+    weak_epochs: int | list[int] = field(default_factory=lambda: [1, 3, 5, 10, 15, 20])
+    epochs: int = 150
     overrides: dict[str, Any] = field(default_factory=dict)
     #: use an existing ``model.pt`` instead of training g (skips the weak + train steps)
     checkpoint: str | None = None
@@ -160,6 +168,8 @@ class ExperimentConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     bundles_dir: str = field(default_factory=lambda: str(default_bundles_dir()))
+    #: ``qgssl demo-job`` only: arguments of ``generate_demo_dataset`` (n_labeled, n_unlabeled, image_size, seed)
+    demo_data: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +179,7 @@ class ExperimentConfig:
     def config_hash(self) -> str:
         """Hash of everything that changes results (not the output folder or launch settings)."""
         content = self.to_dict()
-        for key in ("output", "source", "execution", "report", "bundles_dir"):
+        for key in ("output", "source", "execution", "report", "bundles_dir", "demo_data"):
             content.pop(key, None)
         return stable_hash(content)
 
@@ -185,7 +195,7 @@ class ExperimentConfig:
 
 _TOP_KEYS = {
     "name", "data", "methods", "networks", "seeds", "epochs", "image_size", "quality", "execution",
-    "report", "network_size", "overrides", "output", "bundles_dir",
+    "report", "network_size", "overrides", "output", "bundles_dir", "demo_data",
 }  # fmt: skip
 _OVERRIDE_KEYS = {"global", "ssl", "method", "network", "evaluate", "quality"}
 
@@ -338,9 +348,15 @@ def load_experiment(
             errors.append(f"data.num_labeled: expected a positive integer or null, got {data.num_labeled!r}")
     if quality is not None and isinstance(quality, QualitySpec):
         quality.checkpoint = _resolve(quality.checkpoint, base)
-        for key in ("weak_epochs", "epochs"):
-            if not isinstance(getattr(quality, key), int) or getattr(quality, key) < 1:
-                errors.append(f"quality.{key}: expected a positive integer")
+        if not isinstance(quality.epochs, int) or quality.epochs < 1:
+            errors.append("quality.epochs: expected a positive integer")
+        weak = quality.weak_epochs
+        if isinstance(weak, int) and not isinstance(weak, bool):
+            quality.weak_epochs = list(range(1, weak + 1)) if weak >= 1 else []
+        if not isinstance(quality.weak_epochs, list) or not quality.weak_epochs or not all(
+            isinstance(e, int) and e >= 1 for e in quality.weak_epochs
+        ):
+            errors.append(f"quality.weak_epochs: expected a positive integer or a list of epochs >= 1, got {weak!r}")
     if errors:
         raise ExperimentConfigError(f"{where}: " + "; ".join(errors))
     return ExperimentConfig(
@@ -358,5 +374,6 @@ def load_experiment(
         overrides={k: dict(v or {}) for k, v in overrides.items()},
         output=_resolve(raw.get("output"), base),
         bundles_dir=bundles_dir,
+        demo_data=dict(raw.get("demo_data") or {}),
         source=str(Path(path).resolve()) if path is not None else None,
     )

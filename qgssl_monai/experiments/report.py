@@ -96,8 +96,7 @@ def method_order(methods: Sequence[str]) -> list[str]:
         if base is not None and base in methods:
             continue  # placed right after its base
         ordered.append(method)
-        if f"{method}_qw" in methods:
-            ordered.append(f"{method}_qw")
+        ordered += [m for m in methods if m not in ordered and base_of_qw(m) == method]
     return ordered
 
 
@@ -149,7 +148,8 @@ def load_results(
 ) -> list[RunResult]:
     """FINISHED SSL runs of the experiment (latest per step; only current step hashes when given).
 
-    Each run must carry params ``method``, ``network``, ``seed`` and metrics ``test_dsc_mean``,
+    Each run must carry tags ``qgssl_method``, ``qgssl_network``, ``qgssl_seed`` (tags, not params: the
+    bundle logs its own ``method`` param, e.g. ``mt-qw`` for the ``mt_qw`` overlay) and metrics ``test_dsc_mean``,
     ``test_iou_mean`` (``test_*`` metrics are all read); details are the per-image CSV artifact and the
     ``val_dsc`` history.
     """
@@ -165,9 +165,9 @@ def load_results(
             if col.startswith("metrics.test_") and pd.notna(row[col])
         }
         result = RunResult(
-            method=row["params.method"],
-            network=row["params.network"],
-            seed=int(row["params.seed"]),
+            method=row["tags.qgssl_method"],
+            network=row["tags.qgssl_network"],
+            seed=int(row["tags.qgssl_seed"]),
             run_id=row["run_id"],
             test=test,
         )

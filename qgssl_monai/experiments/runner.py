@@ -68,6 +68,7 @@ class Step:
         outputs: files that must exist for the step to count as done.
         deps: keys of steps that must be finished first.
         params: MLflow params logged when the run starts.
+        tags: extra MLflow tags (e.g. ``qgssl_method``), set on every (re)start.
     """
 
     key: str
@@ -77,6 +78,7 @@ class Step:
     outputs: list[str] = field(default_factory=list)
     deps: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
     hash: str = ""
 
 
@@ -143,6 +145,7 @@ class ExperimentRunner:
             TAG_STEP: step.key,
             TAG_STEP_HASH: step.hash,
             TAG_KIND: step.kind,
+            **step.tags,
         }
 
     def run_name(self, step: Step) -> str:

@@ -23,7 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from qgssl_monai.methods.base import EMATeacherMixin
+from qgssl_monai.methods.base import EMATeacherMixin, unwrap_parallel
 
 __all__ = ["EMATeacherHandler", "ema_update"]
 
@@ -39,8 +39,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     student_params = list(student.parameters())
     teacher_buffers = list(teacher.buffers())
     student_buffers = list(student.buffers())
-    if len(teacher_params) != len(student_params) or len(teacher_buffers) != len(student_buffers):
-        raise ValueError("EMA teacher and student have different architectures (parameter/buffer lists differ).")
+    if len(teacher_params) != len(student_params) or len(teacher_buffers) != len(student_buffers) or any(
+        t.shape != s.shape for t, s in zip(teacher_params + teacher_buffers, student_params + student_buffers)
+    ):
+        raise ValueError("EMA teacher and student differ in architecture (parameter/buffer lists or shapes).")
     if teacher_params:
         # lerp(t, s, w) = t + w (s - t) = (1 - w) t + w s with w = 1 - decay
         torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - float(decay))
@@ -100,5 +102,5 @@ class EMATeacherHandler:
     def __call__(self, engine: Engine) -> None:
         decay = self.decay_at(int(engine.state.iteration) - 1)
         for teacher in self.teachers(engine):
-            ema_update(teacher, engine.network, decay)
+            ema_update(teacher, unwrap_parallel(engine.network), decay)
         engine.state.ema_decay = decay

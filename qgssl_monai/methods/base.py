@@ -20,7 +20,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from qgssl_monai.engines.ssl_trainer import SemiSupervisedTrainer
 
-__all__ = ["StepContext", "MethodOutput", "SSLMethod", "EMATeacherMixin", "training_progress", "frozen_copy"]
+__all__ = ["StepContext", "MethodOutput", "SSLMethod", "EMATeacherMixin", "training_progress", "frozen_copy", "unwrap_parallel"]
 
 
 @dataclass
@@ -87,9 +87,16 @@ def training_progress(engine: Any) -> float:
     return min(max((int(state.iteration) - 1) / total, 0.0), 1.0)
 
 
+def unwrap_parallel(network: nn.Module) -> nn.Module:
+    """The wrapped module of ``DataParallel``/``DistributedDataParallel`` (teachers and peers copy that)."""
+    if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return network.module
+    return network
+
+
 def frozen_copy(network: nn.Module) -> nn.Module:
-    """Deep copy of ``network`` with ``requires_grad=False`` everywhere (teacher networks)."""
-    teacher = copy.deepcopy(network)
+    """Deep copy of ``network`` (unwrapped from DP/DDP) with ``requires_grad=False`` everywhere (teachers)."""
+    teacher = copy.deepcopy(unwrap_parallel(network))
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher

@@ -41,7 +41,7 @@ def _sample_valid(valid: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
     Returns ``(indices (R, k), chosen_valid (R, k))`` with ``k = min(count, N)``.
     """
-    scores = torch.where(valid, torch.rand(valid.shape, device=valid.device), torch.full_like(valid, -1.0, dtype=torch.float))
+    scores = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, -1.0)
     top, indices = scores.topk(min(count, valid.shape[1]), dim=1)
     return indices, top >= 0
 
@@ -129,7 +129,9 @@ class ContrastivePseudoLabel(PseudoLabel):
         self.spatial_dims = spatial_dims
         self.context_pools = nn.ModuleList([pool(3, stride=1, padding=1), pool(7, stride=1, padding=3)])
         self.projection_head = nn.Sequential(
-            conv(in_channels + 3, hidden_dim, kernel_size=1), nn.ReLU(inplace=True), conv(hidden_dim, embed_dim, kernel_size=1)
+            conv(in_channels + 3, hidden_dim, kernel_size=1),
+            nn.ReLU(inplace=True),
+            conv(hidden_dim, embed_dim, kernel_size=1),
         )
         self.contrastive_weight = float(contrastive_weight)
         self.temperature = float(temperature)

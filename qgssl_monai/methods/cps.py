@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext
+from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext, unwrap_parallel
 from qgssl_monai.methods.quality_weighting import QualityWeighting
 
 __all__ = ["CrossPseudoSupervision", "reinitialised_copy"]
@@ -29,7 +29,7 @@ __all__ = ["CrossPseudoSupervision", "reinitialised_copy"]
 def reinitialised_copy(network: nn.Module) -> nn.Module:
     """Deep copy of ``network`` with fresh parameters (``reset_parameters()`` of every submodule that has one,
     drawn from torch's global generator)."""
-    peer = copy.deepcopy(network)
+    peer = copy.deepcopy(unwrap_parallel(network))
     for module in peer.modules():
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):

@@ -34,8 +34,10 @@ Choices where the paper is silent (defaults):
   (same ``alpha``, default 0.5), averaged over the batch; ``beta = 1``; ``lambda_max = 0.1`` with the
   sigmoid ramp (the usual 3D LA/Pancreas protocol of UA-MT/MC-Net that FDPL follows);
 * crop size: ``crop_fraction`` (3/4) of each image side rounded down to ``crop_multiple`` (32: every 2D
-  network of the bundle, SwinUNETR included; use 16 for VNet) unless ``crop_size`` is given; the
-  offset is a quarter of the crop side unless ``offset`` is given;
+  network of the bundle, SwinUNETR included; 16 for VNet / the 3D U-Net) unless ``crop_size`` is given
+  (256 px images -> 192 px crops; a 112x112x80 patch -> 80x80x48). SwinUNETR's last stage also needs
+  crops of at least 64 px (images of at least 86 px); the offset is a quarter of the crop side
+  unless ``offset`` is given;
 * border policy: a shifted crop is clamped into the image (shift reduced); a crop whose shift is
   reduced to zero would repeat the fixed crop and is ignored (see :mod:`.fdpl_ops`); voxels no valid
   shifted crop overlaps keep the fixed pseudo-label;

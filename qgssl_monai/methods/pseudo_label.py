@@ -152,7 +152,8 @@ class PseudoLabel(EMATeacherMixin, SSLMethod):
         probs = self.source_probabilities(ctx, logits_u)
         pseudo = hard_label(probs)
         mask = self.confidence_mask(probs)
-        per_sample = self.loss_fn(ctx)(logits_u, pseudo, mask) if mask is not None else self.loss_fn(ctx)(logits_u, pseudo)
+        loss_fn = self.loss_fn(ctx)
+        per_sample = loss_fn(logits_u, pseudo, mask) if mask is not None else loss_fn(logits_u, pseudo)
         logs: dict = {}
         if mask is not None:
             logs["confident_pixel_fraction"] = mask.mean()

@@ -79,7 +79,10 @@ def _qar_plus_qw(quality_net: nn.Module, qar_weight: float = 0.01, pl_weight: fl
     quality_weighting = _quality_weighting({"quality_net": quality_net, **kwargs}, "qar+qw")
     pl_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("qw_") and k != "quality_weighting"}
     return CompositeMethod(
-        {"qar": QualityAwareRegularization(quality_net), "pl_qw": QualityWeightedPseudoLabel(quality_weighting, **pl_kwargs)},
+        {
+            "qar": QualityAwareRegularization(quality_net),
+            "pl_qw": QualityWeightedPseudoLabel(quality_weighting, **pl_kwargs),
+        },
         weights=[qar_weight, pl_weight],
         name="qar+qw",
     )

@@ -5,6 +5,10 @@
 * :class:`RandomStateCheckpoint` puts the torch / numpy / python RNG states and the ``self.R`` states of the
   random transforms into that checkpoint, so a resumed run draws the same shuffles and augmentations as an
   uninterrupted one.
+* :class:`ResumableRandomSampler` + :class:`RestoreDataPosition` make the shuffled loaders resumable: pass
+  ``p`` of a loader is the permutation seeded by ``seed + p``, and a resumed trainer restarts the loaders at
+  the batch the interrupted run would have drawn next (ignite does not restart loaders at epoch boundaries
+  when ``epoch_length`` differs from the loader length, so a fresh loader would otherwise change the data order).
 * :class:`RunOnCompleted` runs the test evaluator (with the best weights) when training completes; it is
   listed before the MLflow handler, so the test metrics land in the training run before it is closed.
 """
@@ -22,8 +26,17 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose, Randomizable
+from torch.utils.data import Sampler
 
-__all__ = ["CHECKPOINT_PATTERN", "RandomStateCheckpoint", "RunOnCompleted", "latest_checkpoint", "load_weights_if_exists"]
+__all__ = [
+    "CHECKPOINT_PATTERN",
+    "RandomStateCheckpoint",
+    "RestoreDataPosition",
+    "ResumableRandomSampler",
+    "RunOnCompleted",
+    "latest_checkpoint",
+    "load_weights_if_exists",
+]
 
 #: file names of the per-epoch resumable checkpoints (``CheckpointSaver(file_prefix="", save_interval=1)``)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
@@ -70,14 +83,31 @@ def _numpy_state(state: tuple) -> tuple:
 
 
 def _randomizables(transforms: Iterable[Any]) -> list[Randomizable]:
+    """Every distinct ``Randomizable`` reachable from ``transforms``, in a fixed order.
+
+    Walks ``Compose`` chains and the attributes of each transform, because MONAI dictionary transforms hold
+    array transforms with their own ``R`` (e.g. ``RandRotated.rand_rotate``).
+    """
     found: list[Randomizable] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if depth > 6 or id(obj) in seen:
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, depth + 1)
+            return
+        if not isinstance(obj, (Randomizable, Compose)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            found.append(obj)
+        for value in vars(obj).values():
+            visit(value, depth + 1)
+
     for transform in transforms:
-        if transform is None:
-            continue
-        if isinstance(transform, Randomizable):
-            found.append(transform)
-        if isinstance(transform, Compose):
-            found += _randomizables(transform.transforms)
+        visit(transform, 0)
     return found
 
 
@@ -148,3 +178,69 @@ class RunOnCompleted:
 
     def __call__(self, engine: Engine) -> None:
         self.function()
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """Random order whose pass ``p`` is ``randperm(n)`` seeded by ``seed + p``; can start mid-pass.
+
+    Each ``iter()`` yields the next pass (from the start offset set by :meth:`set_batch_position` for the
+    first one), so the data order depends only on ``seed`` and the number of batches drawn so far.
+
+    Args:
+        data_source: the dataset (only its length is used).
+        seed: base seed of the permutations.
+    """
+
+    def __init__(self, data_source: Any, seed: int = 0) -> None:
+        self.num_items = len(data_source)
+        if self.num_items == 0:
+            raise ValueError("ResumableRandomSampler got an empty dataset")
+        self.seed = int(seed)
+        self.next_pass = 0
+        self.start_offset = 0
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.next_pass)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        start, self.next_pass, self.start_offset = self.start_offset, self.next_pass + 1, 0
+        yield from order[start:]
+
+    def set_batch_position(self, batches_drawn: int, batch_size: int, drop_last: bool = True) -> None:
+        """Continue after ``batches_drawn`` batches of ``batch_size`` have been consumed from pass 0 on."""
+        full, rest = divmod(self.num_items, batch_size)
+        per_pass = full if drop_last or rest == 0 else full + 1
+        if per_pass == 0:
+            raise ValueError(f"batch_size {batch_size} exceeds the {self.num_items} items with drop_last")
+        self.next_pass, in_pass = divmod(int(batches_drawn), per_pass)
+        self.start_offset = in_pass * batch_size
+
+
+class RestoreDataPosition:
+    """At ``STARTED`` (after ``CheckpointLoader``), put the resumable samplers where the restored trainer left off.
+
+    The labeled loader gave one batch per completed iteration; the unlabeled loader one per iteration when
+    the method draws unlabeled data (``method.uses_unlabeled``), none otherwise.
+
+    Args:
+        data_loader: the labeled loader; its sampler must be a :class:`ResumableRandomSampler` (else ignored).
+        unlabeled_data_loader: the unlabeled loader or ``None``.
+    """
+
+    def __init__(self, data_loader: Any, unlabeled_data_loader: Any | None = None) -> None:
+        self.loaders = [(data_loader, False), (unlabeled_data_loader, True)]
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        iteration = int(engine.state.iteration)
+        uses_unlabeled = bool(getattr(getattr(engine, "method", None), "uses_unlabeled", True))
+        for loader, unlabeled in self.loaders:
+            sampler = getattr(loader, "sampler", None)
+            if not isinstance(sampler, ResumableRandomSampler):
+                continue
+            batches = iteration if (uses_unlabeled or not unlabeled) else 0
+            sampler.set_batch_position(batches, loader.batch_size, loader.drop_last)

@@ -10,14 +10,16 @@ Public interface (final signature; implementation follows in this module)::
         quality_key: str = "quality",            # output: DSC(label, mask), 0-d float32 torch.Tensor in [0, 1]
         corruption_key: str | None = "corruption",  # output: short str "category:op1+op2" (None: not written)
         category_probs: Mapping[str, float] | None = None,  # over CATEGORIES; None -> DEFAULT_CATEGORY_PROBS
-        ops: Sequence[str] | None = None,        # ops usable by single/chain/heavy; None -> DEFAULT_OPS
+        ops: Sequence[str] | Mapping[str, float] | None = None,  # ops (or name -> weight) for single/chain/heavy;
+                                                  # None -> corruption_ops.DEFAULT_OP_WEIGHTS
         mask_pool: Sequence[np.ndarray | torch.Tensor | str | os.PathLike] | None = None,  # for "swap"
         swap_pool_key: str | None = None,        # or: data[swap_pool_key] = sequence of masks for this sample
         swap_candidates: int = 8,                # random subset size; the closest-area candidate is used
         allow_missing_keys: bool = False,
     )
-    RandMaskCorruption(category_probs=None, ops=None, mask_pool=None, swap_candidates=8)
+    RandMaskCorruption(category_probs=None, ops=None, mask_pool=None, swap_candidates=8, external_swap_pool=False)
         __call__(label, randomize=True, swap_pool=None) -> MaskCorruptionResult(mask, quality, corruption)
+        prepare_pool((H, W))  # optional: load/resize mask_pool once before forking DataLoader workers
 
 * ``CATEGORIES = ("identity", "single", "chain", "swap", "heavy", "catastrophic", "blob")``.
 * The mask has the same type family as the label (numpy in -> numpy out; tensor/MetaTensor in ->
@@ -48,7 +50,7 @@ from PIL import Image
 from qgssl_monai.transforms.corruption_ops import (
     BLOB_OPS,
     CATASTROPHIC_OPS,
-    DEFAULT_OPS,
+    DEFAULT_OP_WEIGHTS,
     MASK_CORRUPTION_OPS,
     dice_score,
 )
@@ -69,14 +71,19 @@ CATEGORIES: tuple[str, ...] = ("identity", "single", "chain", "swap", "heavy", "
 #: default mix, tuned so that on Kvasir-SEG + CVC-ClinicDB masks at 224 px every 0.2-wide Dice bin
 #: holds at least 10% of the generated masks (see ``benchmarks/bench_mask_generation.py``)
 DEFAULT_CATEGORY_PROBS: dict[str, float] = {
-    "identity": 0.04,
-    "single": 0.26,
-    "chain": 0.2,
-    "swap": 0.12,
-    "heavy": 0.18,
-    "catastrophic": 0.08,
-    "blob": 0.12,
+    "identity": 0.03,
+    "single": 0.22,
+    "chain": 0.24,
+    "swap": 0.07,
+    "heavy": 0.26,
+    "catastrophic": 0.05,
+    "blob": 0.13,
 }
+
+#: probability that an op of a category is drawn at "heavy" rather than "mild" strength
+HEAVY_SHARE: dict[str, float] = {"single": 0.5, "chain": 0.3, "heavy": 1.0}
+#: inclusive range of the number of distinct ops drawn by "chain" and "heavy"
+CHAIN_LENGTH: dict[str, tuple[int, int]] = {"chain": (2, 3), "heavy": (2, 3)}
 
 PoolItem = Union[np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -135,11 +142,11 @@ class RandMaskCorruption(RandomizableTransform):
     A category is drawn from ``category_probs`` (see :data:`CATEGORIES`):
 
     * ``identity``: unchanged (Dice 1);
-    * ``single``: one op from ``ops`` at mild strength;
-    * ``chain``: 2-3 distinct ops, mild;
+    * ``single``: one op from ``ops`` (heavy strength with probability ``HEAVY_SHARE["single"]``, else mild);
+    * ``chain``: 2-3 distinct ops (each heavy with probability ``HEAVY_SHARE["chain"]``);
     * ``swap``: another training mask of similar area (closest area among ``swap_candidates`` random pool
       masks, resized to the label's size; masks identical to the label are skipped);
-    * ``heavy``: 2-4 distinct ops at heavy strength;
+    * ``heavy``: 2-3 distinct ops at heavy strength;
     * ``catastrophic``: inverted, empty, full or random-noise mask;
     * ``blob``: Gaussian (ellipse) or disk blob of equal area at the centroid or a random place, convex hull,
       or bounding box.
@@ -152,7 +159,8 @@ class RandMaskCorruption(RandomizableTransform):
         category_probs: category -> probability (normalised; missing categories get 0).
             ``None``: :data:`DEFAULT_CATEGORY_PROBS`. Without any swap pool (no ``mask_pool`` and
             ``external_swap_pool=False``) the ``swap`` share is dropped, with a warning.
-        ops: op names (uniform) or name -> weight for ``single``/``chain``/``heavy``. ``None``: ``DEFAULT_OPS``.
+        ops: op names (uniform) or name -> weight for ``single``/``chain``/``heavy``.
+            ``None``: :data:`~qgssl_monai.transforms.corruption_ops.DEFAULT_OP_WEIGHTS`.
         mask_pool: training masks for ``swap``: arrays/tensors ``(H, W)``/``(1, H, W)`` or file paths.
             Resized copies are cached per image size (call :meth:`prepare_pool` before forking DataLoader
             workers to share the cache).
@@ -187,14 +195,14 @@ class RandMaskCorruption(RandomizableTransform):
         self.category_probs = {c: p / total for c, p in probs.items()}
         self._cum_category = np.cumsum([self.category_probs[c] for c in CATEGORIES])
 
-        weights = dict.fromkeys(DEFAULT_OPS, 1.0) if ops is None else (
+        weights = dict(DEFAULT_OP_WEIGHTS) if ops is None else (
             dict(ops) if isinstance(ops, Mapping) else dict.fromkeys(ops, 1.0)
         )
         unknown = [name for name in weights if name not in MASK_CORRUPTION_OPS]
         if unknown:
             raise ValueError(f"unknown mask corruption ops {unknown}; registered: {sorted(MASK_CORRUPTION_OPS)}.")
         if sum(w > 0 for w in weights.values()) < 4 or any(w < 0 for w in weights.values()):
-            raise ValueError(f"ops needs at least 4 ops of positive weight (heavy chains draw up to 4 distinct ones), got {weights}.")
+            raise ValueError(f"ops needs at least 4 ops of positive weight (heavy chains draw several distinct ones), got {weights}.")
         self.op_names = list(weights)
         self._op_weights = np.array([weights[n] for n in self.op_names], dtype=np.float64)
         self._op_weights /= self._op_weights.sum()
@@ -212,11 +220,12 @@ class RandMaskCorruption(RandomizableTransform):
         self._op_seed = 0
 
     # -- randomisation -------------------------------------------------------------------------
-    def _draw_ops(self, count: int, strength: str) -> list[tuple[str, dict[str, Any]]]:
+    def _draw_ops(self, count: int, heavy_share: float) -> list[tuple[str, dict[str, Any]]]:
         # weighted sampling without replacement (Gumbel top-k): one uniform draw per op, far cheaper than R.choice
         keys = self._log_op_weights - np.log(-np.log(self.R.uniform(1e-12, 1.0, size=len(self.op_names))))
         names = [self.op_names[i] for i in np.argsort(-keys, kind="stable")[:count]]
-        return [(n, MASK_CORRUPTION_OPS[n].sample_params(self.R, strength)) for n in names]
+        strengths = ["heavy" if u < heavy_share else "mild" for u in self.R.rand(count)]
+        return [(n, MASK_CORRUPTION_OPS[n].sample_params(self.R, st)) for n, st in zip(names, strengths)]
 
     def _draw_one(self, names: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         name = names[self.R.randint(len(names))]
@@ -229,11 +238,11 @@ class RandMaskCorruption(RandomizableTransform):
         self._category = category
         self._swap_indices = np.zeros(0, dtype=np.intp)
         if category == "single":
-            self._plan = self._draw_ops(1, "mild")
+            self._plan = self._draw_ops(1, HEAVY_SHARE["single"])
         elif category == "chain":
-            self._plan = self._draw_ops(int(self.R.randint(2, 4)), "mild")
+            self._plan = self._draw_ops(int(self.R.randint(CHAIN_LENGTH["chain"][0], CHAIN_LENGTH["chain"][1] + 1)), HEAVY_SHARE["chain"])
         elif category == "heavy":
-            self._plan = self._draw_ops(int(self.R.randint(2, 5)), "heavy")
+            self._plan = self._draw_ops(int(self.R.randint(CHAIN_LENGTH["heavy"][0], CHAIN_LENGTH["heavy"][1] + 1)), HEAVY_SHARE["heavy"])
         elif category == "catastrophic":
             self._plan = self._draw_one(CATASTROPHIC_OPS)
         elif category == "blob":
@@ -289,7 +298,7 @@ class RandMaskCorruption(RandomizableTransform):
                 out = MASK_CORRUPTION_OPS[name].fn(out, self._op_rng, **params)
             if out is reference:
                 out = reference.copy()
-        quality = torch.tensor(dice_score(reference, out), dtype=torch.float32)
+        quality = torch.from_numpy(np.array(dice_score(reference, out), dtype=np.float32))
         mask, *_ = convert_to_dst_type(out[None].astype(np.float32), dst=label, dtype=np.float32 if isinstance(label, np.ndarray) else torch.float32)
         return MaskCorruptionResult(mask, quality, self.describe())
 

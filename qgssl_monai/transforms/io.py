@@ -22,7 +22,7 @@ JPEG-compressed masks alike (a multi-valued map keeps only values above half its
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,7 +107,7 @@ class RasterImageReader(PILReader):
 
     suffixes: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
 
-    def __init__(self, converter: Any = image_converter, **kwargs: Any) -> None:
+    def __init__(self, converter: Callable[[Image.Image], Image.Image] | None = image_converter, **kwargs: Any) -> None:
         super().__init__(converter=converter, reverse_indexing=False, **kwargs)
 
     def verify_suffix(self, filename: Sequence[Any] | Any) -> bool:
@@ -167,7 +167,11 @@ class ScaleToUnitRanged(MapTransform):
     backend = ScaleToUnitRange.backend
 
     def __init__(
-        self, keys: KeysCollection, wide_max: float = 65535.0, max_value: float | None = None, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        wide_max: float = 65535.0,
+        max_value: float | None = None,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.scaler = ScaleToUnitRange(wide_max=wide_max, max_value=max_value)
@@ -281,7 +285,11 @@ def _image_chain(image_key: str, image_size: int, rgb: bool) -> list[Transform]:
     """Load -> [0, 1] float -> 3/1 channels -> area resize to (image_size, image_size)."""
     return [
         LoadImaged(
-            keys=image_key, reader=RasterImageReader(converter=image_converter), dtype=None, image_only=True, ensure_channel_first=True
+            keys=image_key,
+            reader=RasterImageReader(converter=image_converter),
+            dtype=None,
+            image_only=True,
+            ensure_channel_first=True,
         ),
         ScaleToUnitRanged(keys=image_key),
         EnsureImageChannelsd(keys=image_key, rgb=rgb),
@@ -294,7 +302,11 @@ def _mask_chain(label_key: str, image_size: int) -> list[Transform]:
     """Load -> {0, 1} -> area resize + ``>= 0.5`` (a 2-px line survives 4x down-sampling; nearest may drop it)."""
     return [
         LoadImaged(
-            keys=label_key, reader=RasterImageReader(converter=mask_converter), dtype=None, image_only=True, ensure_channel_first=True
+            keys=label_key,
+            reader=RasterImageReader(converter=mask_converter),
+            dtype=None,
+            image_only=True,
+            ensure_channel_first=True,
         ),
         NormalizeBinaryMaskd(keys=label_key),
         Resized(keys=label_key, spatial_size=(image_size, image_size), mode="area"),
@@ -320,7 +332,9 @@ def _augmentation(
     return [
         RandFlipd(keys=keys, prob=prob, spatial_axis=0),
         RandFlipd(keys=keys, prob=prob, spatial_axis=1),
-        RandRotated(keys=keys, range_x=math.radians(rotate_degrees), prob=prob, mode=modes, padding_mode="zeros", keep_size=True),
+        RandRotated(
+            keys=keys, range_x=math.radians(rotate_degrees), prob=prob, mode=modes, padding_mode="zeros", keep_size=True
+        ),
         # brightness: additive offset in [-brightness, brightness]; contrast: scale about the mean by 1 +- contrast
         RandShiftIntensityd(keys=image_key, offsets=brightness, prob=prob),
         RandScaleIntensityFixedMeand(keys=image_key, factors=contrast, prob=prob, fixed_mean=True),

@@ -1,0 +1,200 @@
+"""``qgssl quality-check``: score image-mask pairs with a trained quality predictor g.
+
+Single pair::
+
+    qgssl quality-check --image frame.png --mask frame_mask.png [--bundle bundles/quality_predictor]
+
+Batch (CSV with a header ``image,mask``; paths relative to the CSV)::
+
+    qgssl quality-check --csv pairs.csv --out scores.csv
+
+Images and masks of any size are resized to the size g was trained at (read from the bundle's
+``configs/inference.json``, overridable). :class:`QualityChecker` loads g once and scores many pairs;
+the MONAI Label app reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Resize
+
+from qgssl_monai.networks.quality import QualityPredictor, load_frozen_quality_predictor
+from qgssl_monai.quality.io import read_pairs_csv
+from qgssl_monai.transforms.io import get_seg_transforms
+
+__all__ = ["DEFAULT_BUNDLE", "QualityChecker", "register", "run_quality_check"]
+
+logger = logging.getLogger(__name__)
+
+# the bundle shipped with the repository (used when --bundle is not given)
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "quality_predictor"
+# settings read from the bundle's inference config (they must match training)
+_BUNDLE_SETTINGS = ("image_size", "image_channels", "backbone", "dropout")
+
+
+class QualityChecker:
+    """Load g once, score many image-mask pairs.
+
+    Args:
+        checkpoint: g's weights (bundle ``models/model.pt``).
+        image_size: side length g was trained at; inputs of any size are resized to it.
+        image_channels: 3 (RGB) or 1 (grey), as at training time.
+        backbone, dropout: :class:`~qgssl_monai.networks.quality.QualityPredictor` settings used in training.
+        device: where g runs.
+        batch_size: pairs per forward pass in :meth:`score_files`.
+
+    Raises:
+        FileNotFoundError: the checkpoint is missing (the message says how to train the bundle).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        *,
+        image_size: int = 256,
+        image_channels: int = 3,
+        backbone: str = "resnet18",
+        dropout: float = 0.15,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+    ) -> None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(
+                f"quality predictor checkpoint not found: {checkpoint}. Train the bundle first, e.g.\n"
+                "  python -m monai.bundle run --config_file configs/train_weak.json --bundle_root bundles/quality_predictor "
+                "--dataset_dir <data folder with manifest.json>\n"
+                "  python -m monai.bundle run --config_file configs/train.json --bundle_root bundles/quality_predictor "
+                "--dataset_dir <data folder with manifest.json>\n"
+                "or pass --checkpoint PATH."
+            )
+        self.checkpoint = checkpoint
+        self.image_size = int(image_size)
+        self.image_channels = int(image_channels)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.network: QualityPredictor = load_frozen_quality_predictor(
+            checkpoint, self.device, in_channels=self.image_channels + 1, backbone=backbone, dropout=dropout
+        )
+        self.transform = get_seg_transforms(
+            self.image_size, train=False, keys=("image", "mask"), augment=False, rgb=self.image_channels == 3
+        )
+        self._resize_image = Resize((self.image_size, self.image_size), mode="bilinear", anti_aliasing=True)
+        self._resize_mask = Resize((self.image_size, self.image_size), mode="area")
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, checkpoint: str | os.PathLike | None = None, **overrides: Any
+    ) -> QualityChecker:
+        """Build from a bundle folder: settings from ``configs/inference.json``, weights from ``models/model.pt``.
+
+        ``overrides`` (``image_size``, ``backbone``, ``device``...) win over the config values.
+        """
+        bundle = Path(bundle)
+        config_file = bundle / "configs" / "inference.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{bundle} is not a quality-predictor bundle: {config_file} is missing")
+        parser = ConfigParser()
+        parser.read_config(config_file)
+        settings = {key: parser.get_parsed_content(key) for key in _BUNDLE_SETTINGS if key in parser}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(checkpoint if checkpoint is not None else bundle / "models" / "model.pt", **settings)
+
+    @torch.no_grad()
+    def score_tensors(self, image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> float:
+        """Score one pair already in memory.
+
+        Args:
+            image: ``(C, H, W)`` float in ``[0, 1]`` with C = ``image_channels``.
+            mask: ``(H, W)`` or ``(1, H, W)`` binary or soft mask in ``[0, 1]`` (same H, W as the image).
+        """
+        image_t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).float()
+        mask_t = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).float()
+        if mask_t.ndim == 2:
+            mask_t = mask_t[None]
+        if image_t.ndim != 3 or image_t.shape[0] != self.image_channels:
+            raise ValueError(f"image must be ({self.image_channels}, H, W), got {tuple(image_t.shape)}")
+        if image_t.shape[1:] != mask_t.shape[1:]:
+            raise ValueError(f"image {tuple(image_t.shape[1:])} and mask {tuple(mask_t.shape[1:])} sizes differ")
+        image_t = torch.as_tensor(self._resize_image(image_t)).float()
+        mask_t = torch.as_tensor(self._resize_mask(mask_t)).float()
+        return float(self.network.score(image_t[None].to(self.device), mask_t[None].to(self.device))[0])
+
+    @torch.no_grad()
+    def score_files(self, pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> list[float]:
+        """Score ``[(image_path, mask_path), ...]`` in batches; one score per pair, in order."""
+        scores: list[float] = []
+        for start in range(0, len(pairs), self.batch_size):
+            loaded = [self.transform({"image": str(i), "mask": str(m)}) for i, m in pairs[start : start + self.batch_size]]
+            images = torch.stack([torch.as_tensor(d["image"]).float() for d in loaded]).to(self.device)
+            masks = torch.stack([torch.as_tensor(d["mask"]).float() for d in loaded]).to(self.device)
+            scores.extend(self.network.score(images, masks).cpu().tolist())
+        return scores
+
+    def score_file(self, image_path: str | os.PathLike, mask_path: str | os.PathLike) -> float:
+        """Score one image-mask pair given as files."""
+        return self.score_files([(image_path, mask_path)])[0]
+
+
+def run_quality_check(args: argparse.Namespace) -> int:
+    """Entry point of ``qgssl quality-check`` (see :func:`register`)."""
+    if bool(args.csv) == bool(args.image or args.mask):
+        print("quality-check: give either --image and --mask, or --csv (with --out)", file=sys.stderr)
+        return 2
+    if args.image and not args.mask or args.mask and not args.image:
+        print("quality-check: --image and --mask go together", file=sys.stderr)
+        return 2
+    try:
+        checker = QualityChecker.from_bundle(
+            args.bundle, args.checkpoint, image_size=args.image_size, backbone=args.backbone, device=args.device
+        )
+        if args.csv:
+            pairs = read_pairs_csv(args.csv)
+            scores = checker.score_files([(p["image"], p["mask"]) for p in pairs])
+            out = Path(args.out) if args.out else Path(args.csv).with_name(Path(args.csv).stem + "_scores.csv")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["image", "mask", "quality"])
+                for pair, score in zip(pairs, scores):
+                    writer.writerow([pair["image_path"], pair["mask_path"], f"{score:.6f}"])
+            print(f"scored {len(scores)} pairs -> {out}")
+        else:
+            for path in (args.image, args.mask):
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"file not found: {path}")
+            print(f"{checker.score_file(args.image, args.mask):.4f}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"quality-check: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``quality-check`` to the ``qgssl`` command line."""
+    parser = subparsers.add_parser(
+        "quality-check",
+        help="estimate the Dice of segmentation masks with the trained quality predictor",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--image", help="image file (any size)")
+    parser.add_argument("--mask", help="binary mask file for the image")
+    parser.add_argument("--csv", help="CSV with columns image,mask (paths relative to the CSV)")
+    parser.add_argument("--out", help="output CSV for --csv (default: <csv stem>_scores.csv)")
+    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="quality-predictor bundle folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", help="weights file (default: <bundle>/models/model.pt)")
+    parser.add_argument("--image-size", type=int, help="override the bundle's training image size")
+    parser.add_argument("--backbone", help="override the bundle's backbone")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.set_defaults(func=run_quality_check)

@@ -1,0 +1,443 @@
+"""Type 1 mask corruptions: each op on hand-built masks, exact Dice targets, category frequencies,
+reproducibility (one process and 2 DataLoader workers), size scaling, swap pool, and the Dice range
+of the default mix on the real masks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.utils import set_determinism
+from PIL import Image
+from scipy import ndimage
+
+from qgssl_monai.transforms import corruption_ops as ops
+from qgssl_monai.transforms.corruptions import (
+    CATEGORIES,
+    DEFAULT_CATEGORY_PROBS,
+    RandMaskCorruption,
+    RandMaskCorruptiond,
+)
+
+BACKENDS = ["scipy"] + (["opencv"] if ops.cv2 is not None else [])
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with the OpenCV accelerator and with the scipy fallback."""
+    monkeypatch.setattr(ops, "USE_OPENCV", request.param == "opencv")
+    return request.param
+
+
+def disk(size: int, radius: float, centre: tuple[float, float] | None = None) -> np.ndarray:
+    """Boolean disk of ``radius`` pixels (pixel centres within the radius)."""
+    cy, cx = centre if centre is not None else ((size - 1) / 2.0, (size - 1) / 2.0)
+    rows, cols = np.mgrid[:size, :size]
+    return (rows - cy) ** 2 + (cols - cx) ** 2 <= radius**2
+
+
+def rng(seed: int = 0) -> np.random.RandomState:
+    return np.random.RandomState(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure ops
+# ------------------------------------------------------------------------------------------------
+def test_dice_score_exact_and_empty():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert ops.dice_score(a, b) == 1.0
+    a[0, :3] = True  # 3 px
+    b[0, 1:] = True  # 3 px, 2 shared
+    assert ops.dice_score(a, b) == pytest.approx(4 / 6)
+    assert ops.dice_score(a, np.zeros_like(a)) == 0.0
+
+
+@pytest.mark.parametrize("radius_px", [3.0, 5.0, 12.0])
+def test_erode_and_dilate_match_euclidean_distance(backend: str, radius_px: float):
+    mask = disk(96, 25.0)
+    radius = radius_px / 96.0  # side of a 96 x 96 image is 96
+    eroded = ops.erode(mask, rng(), radius=radius)
+    dilated = ops.dilate(mask, rng(), radius=radius)
+    # exactly the pixels farther than r from the background / within r of the object
+    assert np.array_equal(eroded, ndimage.distance_transform_edt(mask) > radius_px + 1e-6)
+    assert np.array_equal(dilated, ndimage.distance_transform_edt(~mask) <= radius_px + 1e-6)
+    # and close to the analytic disks (the digital disk's edge lies between R and R + 1 pixel centres)
+    assert np.pi * (25.0 - radius_px) ** 2 < eroded.sum() < np.pi * (26.0 - radius_px) ** 2
+    assert np.pi * (25.0 + radius_px - 0.5) ** 2 < dilated.sum() < np.pi * (25.0 + radius_px + 0.5) ** 2
+
+
+def test_opening_removes_thin_spur_and_closing_fills_gap(backend: str):
+    mask = disk(64, 15.0)
+    spurred = mask.copy()
+    spurred[31:33, 46:60] = True  # 2 px wide spur
+    opened = ops.opening(spurred, rng(), radius=3 / 64)
+    assert not opened[31:33, 50:60].any()
+    assert opened[20:44, 20:44].sum() == mask[20:44, 20:44].sum()  # the body survives
+    notched = mask.copy()
+    notched[30:34, 16:32] = False  # 4 px wide slot into the disk
+    closed = ops.closing(notched, rng(), radius=4 / 64)
+    assert closed[30:34, 20:32].all()
+
+
+def test_translate_shifts_centroid_by_drawn_offset():
+    mask = np.zeros((80, 80), bool)
+    mask[30:50, 20:40] = True  # 20 x 20 box
+    dy, dx = ops.translation_pixels(mask, 0.25, -0.3)
+    assert (dy, dx) == (5, -6)
+    moved = ops.translate(mask, rng(), shift_y=0.25, shift_x=-0.3)
+    before = np.array(ndimage.center_of_mass(mask))
+    after = np.array(ndimage.center_of_mass(moved))
+    np.testing.assert_allclose(after - before, [5, -6])
+    assert moved.sum() == mask.sum()
+    # shifted out of the image: pixels are lost
+    assert not ops.translate(mask, rng(), shift_y=5.0, shift_x=0.0).any()
+
+
+def test_catastrophic_ops():
+    mask = disk(32, 8.0)
+    np.testing.assert_array_equal(ops.invert(mask, rng()), ~mask)
+    assert not ops.empty(mask, rng()).any()
+    assert ops.full(mask, rng()).all()
+    noisy = ops.noise(mask, rng(3), fill=0.3, grain=0.2)
+    assert 0.2 < noisy.mean() < 0.4
+
+
+def test_bounding_box_and_convex_hull(backend: str):
+    mask = np.zeros((40, 40), bool)
+    mask[5:30, 8:12] = True
+    mask[26:30, 8:35] = True  # an L shape
+    box = ops.bounding_box(mask, rng())
+    expected = np.zeros_like(mask)
+    expected[5:30, 8:35] = True
+    np.testing.assert_array_equal(box, expected)
+    hull = ops.convex_hull(mask, rng())
+    assert (hull >= mask).all() and (hull <= box).all()
+    # the hull adds the triangle between the two arms: roughly half the missing box area
+    missing = box.sum() - mask.sum()
+    assert 0.35 * missing < hull.sum() - mask.sum() < 0.65 * missing
+
+
+def three_squares() -> np.ndarray:
+    mask = np.zeros((50, 50), bool)
+    mask[2:12, 2:12] = True  # 100 px
+    mask[20:40, 20:40] = True  # 400 px
+    mask[44:48, 2:6] = True  # 16 px
+    return mask
+
+
+def test_keep_largest_and_drop_component(backend: str):
+    mask = three_squares()
+    largest = ops.keep_largest(mask, rng())
+    expected = np.zeros_like(mask)
+    expected[20:40, 20:40] = True
+    np.testing.assert_array_equal(largest, expected)
+    dropped = ops.drop_component(mask, rng(1))
+    assert dropped.sum() in {mask.sum() - 100, mask.sum() - 400, mask.sum() - 16}
+    assert (dropped <= mask).all()
+    single = disk(30, 6.0)
+    np.testing.assert_array_equal(ops.drop_component(single, rng()), single)
+
+
+def test_holes_stay_inside_and_islands_add(backend: str):
+    mask = disk(64, 20.0)
+    holed = ops.holes(mask, rng(2), count=3, radius=0.04)
+    assert (holed <= mask).all() and holed.sum() < mask.sum()
+    grown = ops.islands(mask, rng(2), count=3, radius=0.04)
+    assert (grown >= mask).all() and grown.sum() > mask.sum()
+    both = ops.holes_and_islands(mask, rng(5), count=3, radius=0.04)
+    assert (both & ~mask).any() and (mask & ~both).any()
+
+
+def test_dropout_removes_a_rectangle():
+    mask = np.zeros((60, 60), bool)
+    mask[10:50, 10:50] = True
+    out = ops.dropout(mask, rng(4), height=0.25, width=0.5)
+    removed = mask & ~out
+    assert (out <= mask).all()
+    rows, cols = np.nonzero(removed)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert removed[r0:r1, c0:c1].all() and removed.sum() == (r1 - r0) * (c1 - c0)  # a full rectangle
+    assert r1 - r0 == 10 and c1 - c0 == 20  # 25% x 50% of the 40 px box, inside the object
+
+
+def test_scale_and_rotate_about_centroid(backend: str):
+    mask = disk(100, 12.0, centre=(40.0, 55.0))
+    bigger = ops.scale(mask, rng(), factor=1.5)
+    assert bigger.sum() == pytest.approx(mask.sum() * 2.25, rel=0.04)
+    np.testing.assert_allclose(ndimage.center_of_mass(bigger), (40.0, 55.0), atol=0.5)
+    bar = np.zeros((64, 64), bool)
+    bar[28:36, 12:52] = True  # 8 x 40 bar
+    turned = ops.rotate(bar, rng(), angle=90.0)
+    rows, cols = np.nonzero(turned)
+    assert rows.max() - rows.min() + 1 == 40 and cols.max() - cols.min() + 1 == 8
+    assert turned.sum() == bar.sum()
+
+
+def test_shape_approximations(backend: str):
+    rows, cols = np.mgrid[:80, :80]
+    ellipse = ((rows - 40) / 25.0) ** 2 + ((cols - 38) / 12.0) ** 2 <= 1
+    assert ops.dice_score(ellipse, ops.ellipse_fit(ellipse, rng())) > 0.97
+    square = np.zeros((80, 80), bool)
+    square[20:60, 20:60] = True
+    triangle = ops.polygon_fit(square, rng(0), vertices=3)
+    octagon = ops.polygon_fit(square, rng(0), vertices=8)
+    assert triangle.sum() < octagon.sum() <= square.sum() + 2 * 40
+    assert ops.dice_score(square, octagon) > ops.dice_score(square, triangle)
+    assert ops.dice_score(square, octagon) > 0.85
+
+
+def test_boundary_textures_stay_near_the_boundary(backend: str):
+    mask = disk(96, 25.0)
+    band_px = 0.02 * 96
+    noisy = ops.boundary_noise(mask, rng(1), band=0.02, flip_prob=0.5)
+    changed = noisy ^ mask
+    distance_to_edge = np.minimum(ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask))
+    assert changed.any() and distance_to_edge[changed].max() <= band_px + 1.0
+    for name in ("jagged", "elastic", "grid_distortion"):
+        params = ops.MASK_CORRUPTION_OPS[name].sample_params(rng(7), "mild")
+        out = ops.apply_mask_op(name, mask, rng(9), **params)
+        assert 0.75 < ops.dice_score(mask, out) < 1.0, name
+        np.testing.assert_array_equal(out, ops.apply_mask_op(name, mask, rng(9), **params))  # rng-determined
+
+
+def test_smooth_removes_thin_protrusion(backend: str):
+    mask = disk(64, 15.0)
+    mask[31:33, 46:62] = True
+    smoothed = ops.smooth(mask, rng(), sigma=2 / 64)
+    assert not smoothed[31:33, 52:62].any()
+    assert smoothed[25:39, 25:39].all()
+
+
+def test_blobs_keep_area_and_position(backend: str):
+    mask = np.zeros((100, 100), bool)
+    mask[30:50, 40:80] = True  # 800 px, centroid (39.5, 59.5)
+    for blob in (ops.disk_blob(mask, rng(), at_centroid=True), ops.gaussian_blob(mask, rng(), aspect=2.0, at_centroid=True)):
+        assert blob.sum() == pytest.approx(800, rel=0.05)
+        np.testing.assert_allclose(ndimage.center_of_mass(blob), (39.5, 59.5), atol=0.7)
+    elsewhere = ops.disk_blob(mask, rng(3), at_centroid=False)
+    assert elsewhere.sum() == pytest.approx(800, rel=0.05)
+    assert not np.allclose(ndimage.center_of_mass(elsewhere), (39.5, 59.5), atol=2.0)
+
+
+def test_registry_ops_are_pure_and_backends_agree():
+    mask = ndimage.gaussian_filter(np.random.RandomState(0).rand(72, 72), 5) > 0.52
+    for name, op in ops.MASK_CORRUPTION_OPS.items():
+        for strength in ops.STRENGTHS:
+            params = op.sample_params(rng(11), strength)
+            original = mask.copy()
+            outputs = []
+            for use_cv2 in (False, True) if ops.cv2 is not None else (False,):
+                ops.USE_OPENCV = use_cv2
+                try:
+                    out = op.fn(mask, rng(5), **params)
+                finally:
+                    ops.USE_OPENCV = ops.cv2 is not None
+                assert out.dtype == bool and out.shape == mask.shape, name
+                np.testing.assert_array_equal(mask, original)  # input untouched
+                outputs.append(out)
+            # OpenCV and scipy paths agree up to a few boundary pixels (polygon/hull rasterisation)
+            assert (outputs[0] ^ outputs[-1]).sum() <= 0.01 * mask.size, name
+    with pytest.raises(KeyError, match="unknown mask corruption op"):
+        ops.apply_mask_op("melt", mask, rng())
+    with pytest.raises(ValueError, match="strength"):
+        ops.MASK_CORRUPTION_OPS["erode"].sample_params(rng(), "medium")
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("erode", {"radius": 0.05}),
+        ("dilate", {"radius": 0.05}),
+        ("grid_distortion", {"steps": 5, "limit": 0.4}),
+        ("smooth", {"sigma": 0.05}),
+        ("translate", {"shift_y": 0.3, "shift_x": 0.2}),
+        ("scale", {"factor": 0.7}),
+        ("holes", {"count": 3, "radius": 0.04}),
+        ("elastic", {"amplitude": 0.06, "spacing": 0.25}),
+        ("jagged", {"amplitude": 0.02, "wavelength": 0.04}),
+        ("boundary_noise", {"band": 0.02, "flip_prob": 0.4}),
+    ],
+)
+def test_damage_scales_with_image_size(name: str, params: dict):
+    small, large = disk(64, 18.0), disk(256, 72.0)
+    dice_small = np.mean([ops.dice_score(small, ops.apply_mask_op(name, small, rng(s), **params)) for s in range(3)])
+    dice_large = np.mean([ops.dice_score(large, ops.apply_mask_op(name, large, rng(s), **params)) for s in range(3)])
+    assert dice_small < 0.99 and abs(dice_small - dice_large) < 0.06, (dice_small, dice_large)
+
+
+# ------------------------------------------------------------------------------------------------
+# transforms
+# ------------------------------------------------------------------------------------------------
+def blob_label(size: int = 48, seed: int = 0) -> np.ndarray:
+    smooth = ndimage.gaussian_filter(np.random.RandomState(seed).rand(size, size), size / 10)
+    return (smooth > np.quantile(smooth, 0.8))[None].astype(np.float32)
+
+
+def test_quality_is_exact_dice_for_every_category():
+    labels = [blob_label(48, s) for s in range(6)]
+    pool = [blob_label(48, s)[0] for s in range(6, 12)]
+    transform = RandMaskCorruption(mask_pool=pool)
+    transform.set_random_state(0)
+    seen = set()
+    for i in range(300):
+        label = labels[i % len(labels)]
+        mask, quality, corruption = transform(label)
+        assert mask.dtype == np.float32 and mask.shape == (1, 48, 48)
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        y, m = label[0] > 0.5, mask[0] > 0.5
+        inter, total = np.logical_and(y, m).sum(), y.sum() + m.sum()
+        expected = 1.0 if total == 0 else 2.0 * inter / total
+        assert quality.dtype == torch.float32 and quality.ndim == 0
+        assert float(quality) == pytest.approx(expected, abs=1e-6)
+        seen.add(corruption.split(":")[0])
+    assert seen == set(CATEGORIES)
+
+
+def test_dictionary_transform_keys_types_and_collation():
+    label = MetaTensor(torch.from_numpy(blob_label(32, 1)), meta={"filename_or_obj": "case_1.png"})
+    transform = RandMaskCorruptiond(keys="label", category_probs={"single": 1.0})
+    transform.set_random_state(3)
+    out = transform({"label": label, "image": torch.zeros(3, 32, 32)})
+    assert isinstance(out["mask"], MetaTensor) and out["mask"].dtype == torch.float32
+    assert out["mask"].meta["filename_or_obj"] == "case_1.png"
+    assert out["corruption"].startswith("single:")
+    assert float(out["quality"]) == pytest.approx(ops.dice_score(label[0].numpy() > 0.5, out["mask"][0].numpy() > 0.5))
+    batch = torch.utils.data.default_collate([transform({"label": label}) for _ in range(4)])
+    assert batch["quality"].shape == (4,) and batch["quality"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 1, 32, 32)
+    # empty label: identity gives 1.0, catastrophic "full" gives 0.0
+    empty = np.zeros((1, 16, 16), np.float32)
+    assert float(RandMaskCorruption(category_probs={"identity": 1.0})(empty).quality) == 1.0
+    full = RandMaskCorruption(category_probs={"catastrophic": 1.0}, ops=None)
+    full.set_random_state(0)
+    qualities = {round(float(full(empty).quality), 6) for _ in range(20)}
+    assert qualities <= {0.0, 1.0}
+
+
+def test_category_probabilities_are_honoured():
+    probs = {"identity": 0.1, "single": 0.3, "chain": 0.15, "heavy": 0.2, "catastrophic": 0.1, "blob": 0.15}
+    transform = RandMaskCorruption(category_probs=probs)
+    transform.set_random_state(123)
+    n = 3000
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for _ in range(n):
+        transform.randomize(None)
+        counts[transform.describe().split(":")[0]] += 1
+    assert counts["swap"] == 0
+    for category, p in probs.items():
+        standard_error = np.sqrt(p * (1 - p) / n)
+        assert abs(counts[category] / n - p) < 4 * standard_error, (category, counts[category] / n, p)
+
+
+def test_default_probabilities_and_missing_pool_warning():
+    assert sum(DEFAULT_CATEGORY_PROBS.values()) == pytest.approx(1.0)
+    with pytest.warns(UserWarning, match="swap"):
+        transform = RandMaskCorruption()
+    assert transform.category_probs["swap"] == 0.0
+    assert sum(transform.category_probs.values()) == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert RandMaskCorruption(mask_pool=[np.ones((4, 4))]).category_probs["swap"] > 0
+        assert RandMaskCorruptiond(swap_pool_key="pool").corrupter.category_probs["swap"] > 0
+
+
+def test_invalid_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="unknown corruption categories"):
+        RandMaskCorruption(category_probs={"melt": 1.0})
+    with pytest.raises(ValueError, match="unknown mask corruption ops"):
+        RandMaskCorruption(ops=["erode", "dilate", "smooth", "melt"])
+    with pytest.raises(ValueError, match=r"\(1, H, W\)"):
+        RandMaskCorruption(category_probs={"single": 1.0})(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match="exactly one"):
+        RandMaskCorruptiond(keys=["label", "other"])
+    with pytest.raises(KeyError, match="swap_pool_key"):
+        RandMaskCorruptiond(swap_pool_key="pool", category_probs={"swap": 1.0})({"label": blob_label(16)})
+    with pytest.raises(FileNotFoundError, match="no_such_mask.png"):
+        RandMaskCorruption(category_probs={"swap": 1.0}, mask_pool=["no_such_mask.png"])(blob_label(16))
+
+
+def test_reproducible_in_process_and_replay():
+    label = blob_label(40, 2)
+    pool = [blob_label(40, s)[0] for s in range(3, 8)]
+    first, second = RandMaskCorruption(mask_pool=pool), RandMaskCorruption(mask_pool=pool)
+    first.set_random_state(42)
+    second.set_random_state(42)
+    runs = [[first(label) for _ in range(40)], [second(label) for _ in range(40)]]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert float(a.quality) == float(b.quality) and a.corruption == b.corruption
+    # randomize=False replays the last corruption exactly (ops' internal randomness is seeded in randomize)
+    again = first(label, randomize=False)
+    np.testing.assert_array_equal(again.mask, runs[0][-1].mask)
+    assert len({r.corruption for r in runs[0]}) > 5
+
+
+def _loader_qualities(num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    set_determinism(seed=7)
+    data = [{"label": blob_label(32, s)} for s in range(12)]
+    transform = RandMaskCorruptiond(keys="label", category_probs={"single": 0.5, "chain": 0.3, "blob": 0.2})
+    loader = DataLoader(Dataset(data, transform), batch_size=3, num_workers=num_workers, shuffle=False)
+    qualities, masks = [], []
+    for batch in loader:
+        qualities.append(batch["quality"].numpy())
+        masks.append(batch["mask"].numpy())
+    set_determinism(seed=None)
+    return np.concatenate(qualities), np.concatenate(masks)
+
+
+def test_reproducible_across_two_dataloader_workers():
+    q1, m1 = _loader_qualities(num_workers=2)
+    q2, m2 = _loader_qualities(num_workers=2)
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(m1, m2)
+    assert q1.shape == (12,) and len(np.unique(np.round(q1, 6))) > 6  # not one corruption repeated
+
+
+def test_swap_picks_closest_area_from_file_pool(tmp_path: Path):
+    label = np.zeros((1, 32, 32), np.float32)
+    label[0, 8:20, 8:20] = 1  # 144 px
+    paths = []
+    for side in (4, 10, 13, 20):  # squares of 2*side px written at 64 px: about side^2 px once resized to 32
+        big = np.zeros((64, 64), np.uint8)
+        big[36 : 36 + 2 * side, 2 : 2 + 2 * side] = 255
+        path = tmp_path / f"mask_{side}.png"
+        Image.fromarray(big).save(path)
+        paths.append(str(path))
+    transform = RandMaskCorruption(category_probs={"swap": 1.0}, mask_pool=paths, swap_candidates=4)
+    transform.set_random_state(0)
+    mask, quality, corruption = transform(label)
+    assert corruption == "swap"
+    rows, cols = np.nonzero(mask[0])
+    # the 13-px square (about 169 px, the closest area to 144) from the resized 64-px file
+    assert abs(mask[0].sum() - 169) <= 2 * 13 and rows.min() == 18 and cols.min() == 1
+    assert float(quality) == pytest.approx(ops.dice_score(label[0] > 0.5, mask[0] > 0.5))
+    # per-sample pool from the data dictionary; the label itself is skipped
+    d = RandMaskCorruptiond(category_probs={"swap": 1.0}, swap_pool_key="pool", swap_candidates=2)
+    d.set_random_state(1)
+    other = np.zeros((32, 32), np.float32)
+    other[0:5, 0:5] = 1
+    out = d({"label": label, "pool": [label[0], other]})
+    np.testing.assert_array_equal(out["mask"][0], other)
+    assert float(out["quality"]) == 0.0
+
+
+@pytest.mark.realdata
+def test_default_mix_spans_every_dice_bin_on_real_masks():
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data folder {REAL_DATA} is absent")
+    paths = sorted((REAL_DATA / "kvasir-seg" / "masks").glob("*.png"))[:100] + sorted(
+        (REAL_DATA / "cvc-clinicdb" / "masks").glob("*.png")
+    )[:60]
+    masks = [np.asarray(Image.open(p).convert("L").resize((128, 128), Image.BILINEAR)) > 127 for p in paths]
+    transform = RandMaskCorruption(mask_pool=masks)
+    transform.set_random_state(0)
+    n = 1500
+    qualities = np.array([float(transform(masks[i % len(masks)][None].astype(np.float32)).quality) for i in range(n)])
+    fractions = np.histogram(qualities, bins=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])[0] / n
+    assert (fractions >= 0.10).all(), fractions

@@ -1,0 +1,164 @@
+"""FDPL / FDPL-QW bundle overlays stack with every network overlay: config parse + one training iteration.
+
+2D: ``train.json`` + ``net/<net>.json`` + ``method/fdpl[_qw].json`` on the demo set (64 px, small nets).
+3D: ``train.json`` + ``train_3d.json`` + ``net/{unet3d,vnet3d}.json`` + ``method/fdpl[_qw].json`` on synthetic
+32^3 volumes (patch 32^3, sliding-window validation inferer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+
+from qgssl_monai.losses import PerSampleDiceBCELoss
+from qgssl_monai.methods.fdpl import FDPL, FDPLQW
+from qgssl_monai.networks.quality import QualityPredictor
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "ssl_segmentation" / "configs"
+NETS_2D = ("unet", "swinunetr2d", "unetpp", "attention_unet")
+
+
+def _quality_checkpoint(folder: Path, in_channels: int, spatial_dims: int) -> Path:
+    torch.manual_seed(0)
+    path = folder / f"quality_{spatial_dims}d.pt"
+    torch.save(QualityPredictor(in_channels=in_channels, spatial_dims=spatial_dims).state_dict(), path)
+    return path
+
+
+def _parse(files: list[Path], overrides: dict[str, Any]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def _run_one_iteration(parser: ConfigParser) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
+    method = parser.get_parsed_content("method")
+    student = parser.get_parsed_content("student")
+    trainer = parser.get_parsed_content("train#trainer")
+    before_a = [p.detach().clone() for p in student.parameters()]
+    before_b = [p.detach().clone() for p in method.peer.parameters()]
+    trainer.run()
+    assert trainer.state.iteration == 1
+    changed_a = sum(not torch.equal(b, p) for b, p in zip(before_a, student.parameters()))
+    changed_b = sum(not torch.equal(b, p) for b, p in zip(before_b, method.peer.parameters()))
+    # Adam moves every parameter that received a gradient: most of both subnets' tensors change
+    assert changed_a > 0.5 * len(before_a) and changed_b > 0.5 * len(before_b)
+    return trainer, before_a, before_b
+
+
+def _common_overrides(tmp_path: Path, manifest: Path) -> dict[str, Any]:
+    return {
+        "bundle_root": str(tmp_path),
+        "manifest": str(manifest),
+        "network_size": "small",
+        "num_epochs": 1,
+        "epoch_length": 1,
+        "batch_size": 2,
+        "unlabeled_batch_size": 2,
+        "num_workers": 0,
+        "cache_rate": 0.0,
+        "train#trainer#train_handlers": [],  # one bare iteration: no validation/checkpoint handlers
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("net", NETS_2D)
+@pytest.mark.parametrize("method_file", ("fdpl", "fdpl_qw"))
+def test_2d_overlays_parse_and_train_one_iteration(tmp_path: Path, demo_manifest: Path, net: str, method_file: str) -> None:
+    overrides = _common_overrides(tmp_path, demo_manifest)
+    # SwinUNETR's last stage needs >= 2x2 pixels at 1/32 scale: crops of 64 (images of 96); 64 px otherwise
+    image_size = 96 if net == "swinunetr2d" else 64
+    overrides.update(image_size=image_size, quality_ckpt=str(_quality_checkpoint(tmp_path, 4, 2)), fdpl_alpha=0.7)
+    parser = _parse([CONFIGS / "train.json", CONFIGS / "net" / f"{net}.json", CONFIGS / "method" / f"{method_file}.json"], overrides)
+    method = parser.get_parsed_content("method")
+    assert isinstance(method, FDPLQW if method_file == "fdpl_qw" else FDPL)
+    assert method.crop_multiple == 32 and method.beta == 1.0 and method.offset is None
+    # 3/4 of the side rounded down to a multiple of 32
+    assert method.resolve_crop_size((image_size, image_size)) == ((64, 64) if image_size == 96 else (32, 32))
+    trainer, _, _ = _run_one_iteration(parser)
+    assert trainer.unsup_weight_max == pytest.approx(0.1)
+    loss = trainer.loss_function  # alpha = 0.7: 0.7 Dice + 0.3 BCE for both subnets and the pseudo-labels
+    assert isinstance(loss, PerSampleDiceBCELoss)
+    logits, target = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    dice = 1 - (2 * 0.5 * 16 + 1e-5) / (0.5 * 16 + 16 + 1e-5)
+    assert float(loss(logits, target)) == pytest.approx(0.7 * dice + 0.3 * float(torch.log(torch.tensor(2.0))), rel=1e-5)
+    output = trainer.state.output[0]  # decollated: one dict per labeled sample
+    assert output["extra_sup_loss"] > 0 and torch.isfinite(torch.tensor(output["loss"]))
+    if method_file == "fdpl_qw":
+        assert trainer.state.quality_weights.shape == (8,)  # 4 pseudo-label sets x 2 unlabeled samples
+
+
+@pytest.fixture(scope="module")
+def synthetic_3d_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qgssl_monai.data.synthetic3d import generate_synthetic_3d
+
+    return generate_synthetic_3d(tmp_path_factory.mktemp("syn3d"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("net", "method_file"), (("unet3d", "fdpl"), ("unet3d", "fdpl_qw"), ("vnet3d", "fdpl")))
+def test_3d_overlays_parse_and_train_one_iteration(
+    tmp_path: Path, synthetic_3d_manifest: Path, net: str, method_file: str
+) -> None:
+    overrides = _common_overrides(tmp_path, synthetic_3d_manifest)
+    # VNet (45 M parameters, 4 poolings) is costly on CPU: thinner 32x32x16 patches with 16^3 crops
+    patch = [32, 32, 16] if net == "vnet3d" else [32, 32, 32]
+    if net == "vnet3d":
+        overrides["method#crop_size"] = 16
+    overrides.update(
+        {
+            "patch_size": patch,
+            "quality_ckpt": str(_quality_checkpoint(tmp_path, 2, 3)),
+            "quality_net_kwargs#spatial_dims": 3,
+        }
+    )
+    files = [CONFIGS / "train.json", CONFIGS / "train_3d.json", CONFIGS / "net" / f"{net}.json", CONFIGS / "method" / f"{method_file}.json"]
+    parser = _parse(files, overrides)
+    assert isinstance(parser.get_parsed_content("validate#inferer"), SlidingWindowInferer)
+    method = parser.get_parsed_content("method")
+    assert method.crop_multiple == 16 and method.resolve_crop_size(tuple(patch)) == (16, 16, 16)
+    trainer, _, _ = _run_one_iteration(parser)
+    assert trainer.state.output[0]["fdpl_samples_with_dynamic_crops"] == 1.0  # in-plane shifts fit in the patch
+    outputs = trainer.state.output  # decollated: one dict per labeled sample
+    assert len(outputs) == 2 and outputs[0]["image"].shape == outputs[0]["label"].shape == (1, *patch)
+    labels = torch.stack([o["label"] for o in outputs])
+    images = torch.stack([o["image"] for o in outputs])
+    assert set(torch.unique(labels).tolist()) == {0.0, 1.0}  # pos/neg patches of binarised labels
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    if method_file == "fdpl_qw":
+        assert trainer.state.quality_weights.shape == (8,)
+
+
+@pytest.mark.slow
+def test_3d_bundle_run_trains_validates_and_writes_voxel_metrics(tmp_path: Path, synthetic_3d_manifest: Path) -> None:
+    """The full 3D workflow of ``monai.bundle run``: manifest check, training, sliding-window validation,
+    checkpoints and per-volume test metrics (Dice, IoU, HD95, ASD in voxels)."""
+    import json
+
+    from monai.bundle import run
+
+    files = [CONFIGS / "train.json", CONFIGS / "train_3d.json", CONFIGS / "net" / "unet3d.json", CONFIGS / "method" / "fdpl.json"]
+    run(
+        config_file=[str(f) for f in files],
+        bundle_root=str(tmp_path),
+        manifest=str(synthetic_3d_manifest),
+        network_size="small",
+        num_epochs=1,
+        epoch_length=1,
+        patch_size=[32, 32, 32],
+        num_workers=0,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", weights_only=False)
+    assert any(key.startswith("peer.") for key in checkpoint["method"])  # subnet B is saved with the method
+    summary = json.loads((tmp_path / "eval" / "test_metrics_summary.json").read_text())
+    assert set(summary) >= {"dice", "iou", "hd95", "asd"} and summary["dice"]["n"] == 1
+    diagonal = (3 * 31**2) ** 0.5  # worst-case distance in a 32^3 volume, in voxels
+    assert 0.0 <= summary["dice"]["mean"] <= 1.0 and 0.0 <= summary["hd95"]["mean"] <= diagonal

@@ -1,0 +1,68 @@
+"""Resume after interruption: 2 epochs straight == 1 epoch, stop, ``--resume true``, 1 more epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from qgssl_monai.segmentation.training import latest_checkpoint
+from ssl_bundle_utils import config_files, make_workflow
+
+pytestmark = pytest.mark.slow
+
+# MT: EMA teacher + gaussian input noise (torch RNG); augmentation on (transform RNG); shuffled loaders
+RESUME_SETTINGS = {"num_epochs": 2, "epoch_length": 3, "seed": 5, "augment": True}
+
+
+def _assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _train(manifest: Path, out: Path, stop_after_epoch: int | None = None, resume: bool = False) -> dict:
+    workflow = make_workflow(config_files("method/mt"), manifest, out, resume=resume, **RESUME_SETTINGS)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    if stop_after_epoch is not None:
+        # registered after the CheckpointSaver: the epoch's checkpoint is on disk when the run "dies"
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda engine: engine.terminate())
+    workflow.run()
+    workflow.finalize()
+    return {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration}
+
+
+def test_resume_restores_identical_state(demo_manifest: Path, tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert _train(demo_manifest, straight) == {"epoch": 2, "iteration": 6}
+    assert _train(demo_manifest, interrupted, stop_after_epoch=1) == {"epoch": 1, "iteration": 3}
+    assert latest_checkpoint(interrupted / "models").endswith("checkpoint_epoch=1.pt")
+    assert _train(demo_manifest, interrupted, resume=True) == {"epoch": 2, "iteration": 6}
+
+    expected = torch.load(latest_checkpoint(straight / "models"), weights_only=True)
+    resumed = torch.load(latest_checkpoint(interrupted / "models"), weights_only=True)
+    assert latest_checkpoint(interrupted / "models").endswith("checkpoint_epoch=2.pt")
+    assert resumed["trainer"]["iteration"] == 6 and resumed["trainer"]["epoch_length"] == 3
+    assert any(key.startswith("teacher.") for key in resumed["method"])  # the EMA teacher is checkpointed
+    assert resumed["optimizer"]["state"], "optimizer moments missing"
+    # weights, optimizer moments, LR scheduler, EMA teacher, trainer counters and RNG states all identical
+    _assert_same(expected, resumed)
+
+
+def test_resume_without_checkpoint_fails_clearly(demo_manifest: Path, tmp_path: Path) -> None:
+    workflow = make_workflow(config_files("method/sup"), demo_manifest, tmp_path, resume=True)
+    with pytest.raises(Exception, match="no checkpoint_epoch"):
+        workflow.initialize()
