@@ -441,3 +441,20 @@ def test_default_mix_spans_every_dice_bin_on_real_masks():
     qualities = np.array([float(transform(masks[i % len(masks)][None].astype(np.float32)).quality) for i in range(n)])
     fractions = np.histogram(qualities, bins=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])[0] / n
     assert (fractions >= 0.10).all(), fractions
+
+
+def test_strength_and_chain_length_settings():
+    transform = RandMaskCorruption(
+        category_probs={"chain": 1.0}, heavy_share={"chain": 0.0}, chain_length={"chain": (4, 4)}
+    )
+    transform.set_random_state(0)
+    for _ in range(50):
+        transform.randomize(None)
+        names = transform.describe().split(":")[1].split("+")
+        assert len(names) == 4 and len(set(names)) == 4  # distinct ops
+    with pytest.raises(ValueError, match="heavy_share"):
+        RandMaskCorruption(heavy_share={"chain": 1.5})
+    with pytest.raises(ValueError, match="chain_length"):
+        RandMaskCorruption(chain_length={"heavy": (3, 2)})
+    with pytest.raises(ValueError, match="at least 3 ops"):
+        RandMaskCorruption(ops={"erode": 1.0, "dilate": 1.0, "smooth": 0.0})

@@ -176,7 +176,7 @@ def test_inference_bundle_and_quality_check_cli_agree(trained_bundle: Path, demo
 
     common = ["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), "--image-size", str(SIZE)]
     assert qgssl_main(["quality-check", "--image", str(tmp_path / rows[0][0]), "--mask", str(tmp_path / rows[0][1]), *common]) == 0
-    assert float(capsys.readouterr().out.strip()) == pytest.approx(direct[0], abs=1e-4)
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(direct[0], abs=1e-4)
     out_csv = tmp_path / "cli_scores.csv"
     assert qgssl_main(["quality-check", "--csv", str(pairs_csv), "--out", str(out_csv), *common]) == 0
     with open(out_csv, newline="") as f:

@@ -64,5 +64,7 @@ def test_resume_restores_identical_state(demo_manifest: Path, tmp_path: Path) ->
 
 def test_resume_without_checkpoint_fails_clearly(demo_manifest: Path, tmp_path: Path) -> None:
     workflow = make_workflow(config_files("method/sup"), demo_manifest, tmp_path, resume=True)
-    with pytest.raises(Exception, match="no checkpoint_epoch"):
+    with pytest.raises(RuntimeError) as info:
         workflow.initialize()
+    cause = info.value.__cause__
+    assert isinstance(cause, FileNotFoundError) and "no checkpoint_epoch=<N>.pt in" in str(cause)

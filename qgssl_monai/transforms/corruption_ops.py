@@ -530,8 +530,8 @@ def boundary_noise(mask: np.ndarray, rng: np.random.RandomState, band: float = 0
     def flip(crop: np.ndarray) -> np.ndarray:
         padded = np.pad(crop, 1)
         interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        # distance to the nearest boundary pixel (inner 4-connected boundary of the object)
-        ring = _distance_to_zero(~(crop & ~interior)) <= b + _EPS
+        # pixels within b of the object's inner (4-connected) boundary
+        ring = _dilate_px(crop & ~interior, b)
         flips = np.zeros_like(crop)
         flips[ring] = rng.random_sample(int(np.count_nonzero(ring))) < flip_prob
         return crop ^ flips

@@ -1,6 +1,6 @@
 """Type 1 variable-quality masks: MONAI transforms that degrade a ground-truth mask and attach its Dice.
 
-Public interface (final signature; implementation follows in this module)::
+Public interface::
 
     from qgssl_monai.transforms.corruptions import RandMaskCorruptiond, RandMaskCorruption
 
@@ -15,9 +15,12 @@ Public interface (final signature; implementation follows in this module)::
         mask_pool: Sequence[np.ndarray | torch.Tensor | str | os.PathLike] | None = None,  # for "swap"
         swap_pool_key: str | None = None,        # or: data[swap_pool_key] = sequence of masks for this sample
         swap_candidates: int = 8,                # random subset size; the closest-area candidate is used
+        heavy_share: Mapping[str, float] | None = None,           # P(heavy strength) for single/chain/heavy
+        chain_length: Mapping[str, Sequence[int]] | None = None,  # (min, max) ops for chain/heavy
         allow_missing_keys: bool = False,
     )
-    RandMaskCorruption(category_probs=None, ops=None, mask_pool=None, swap_candidates=8, external_swap_pool=False)
+    RandMaskCorruption(category_probs=None, ops=None, mask_pool=None, swap_candidates=8, external_swap_pool=False,
+                       heavy_share=None, chain_length=None)
         __call__(label, randomize=True, swap_pool=None) -> MaskCorruptionResult(mask, quality, corruption)
         prepare_pool((H, W))  # optional: load/resize mask_pool once before forking DataLoader workers
 
@@ -58,6 +61,8 @@ from qgssl_monai.transforms.corruption_ops import (
 __all__ = [
     "CATEGORIES",
     "DEFAULT_CATEGORY_PROBS",
+    "DEFAULT_HEAVY_SHARE",
+    "DEFAULT_CHAIN_LENGTH",
     "MaskCorruptionResult",
     "RandMaskCorruption",
     "RandMaskCorruptiond",
@@ -80,10 +85,10 @@ DEFAULT_CATEGORY_PROBS: dict[str, float] = {
     "blob": 0.13,
 }
 
-#: probability that an op of a category is drawn at "heavy" rather than "mild" strength
-HEAVY_SHARE: dict[str, float] = {"single": 0.5, "chain": 0.3, "heavy": 1.0}
-#: inclusive range of the number of distinct ops drawn by "chain" and "heavy"
-CHAIN_LENGTH: dict[str, tuple[int, int]] = {"chain": (2, 3), "heavy": (2, 3)}
+#: default probability that an op of a category is drawn at "heavy" rather than "mild" strength
+DEFAULT_HEAVY_SHARE: dict[str, float] = {"single": 0.5, "chain": 0.3, "heavy": 1.0}
+#: default inclusive range of the number of distinct ops drawn by "chain" and "heavy"
+DEFAULT_CHAIN_LENGTH: dict[str, tuple[int, int]] = {"chain": (2, 3), "heavy": (2, 3)}
 
 PoolItem = Union[np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -142,11 +147,11 @@ class RandMaskCorruption(RandomizableTransform):
     A category is drawn from ``category_probs`` (see :data:`CATEGORIES`):
 
     * ``identity``: unchanged (Dice 1);
-    * ``single``: one op from ``ops`` (heavy strength with probability ``HEAVY_SHARE["single"]``, else mild);
-    * ``chain``: 2-3 distinct ops (each heavy with probability ``HEAVY_SHARE["chain"]``);
+    * ``single``: one op from ``ops`` (heavy strength with probability ``heavy_share["single"]``, else mild);
+    * ``chain``: ``chain_length["chain"]`` (2-3) distinct ops, each heavy with probability ``heavy_share["chain"]``;
     * ``swap``: another training mask of similar area (closest area among ``swap_candidates`` random pool
       masks, resized to the label's size; masks identical to the label are skipped);
-    * ``heavy``: 2-3 distinct ops at heavy strength;
+    * ``heavy``: ``chain_length["heavy"]`` (2-3) distinct ops at heavy strength;
     * ``catastrophic``: inverted, empty, full or random-noise mask;
     * ``blob``: Gaussian (ellipse) or disk blob of equal area at the centroid or a random place, convex hull,
       or bounding box.
@@ -166,6 +171,10 @@ class RandMaskCorruption(RandomizableTransform):
             workers to share the cache).
         swap_candidates: size of the random subset among which the closest-area mask is swapped in.
         external_swap_pool: a pool will be passed to ``__call__`` (keeps ``swap`` without ``mask_pool``).
+        heavy_share: per category (``single``, ``chain``, ``heavy``), the probability that an op is drawn at heavy
+            strength; given entries override :data:`DEFAULT_HEAVY_SHARE`.
+        chain_length: inclusive ``(min, max)`` number of ops for ``chain`` and ``heavy``; given entries override
+            :data:`DEFAULT_CHAIN_LENGTH`.
 
     Input ``label``: ``(1, H, W)`` numpy array or tensor/MetaTensor, foreground where > 0.5.
     Output: :class:`MaskCorruptionResult`.
@@ -180,8 +189,19 @@ class RandMaskCorruption(RandomizableTransform):
         mask_pool: Sequence[PoolItem] | None = None,
         swap_candidates: int = 8,
         external_swap_pool: bool = False,
+        heavy_share: Mapping[str, float] | None = None,
+        chain_length: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
+        self.heavy_share = {**DEFAULT_HEAVY_SHARE, **(heavy_share or {})}
+        lengths = {**DEFAULT_CHAIN_LENGTH, **(chain_length or {})}
+        self.chain_length = {k: (int(v[0]), int(v[1])) for k, v in lengths.items()}
+        if set(self.heavy_share) != set(DEFAULT_HEAVY_SHARE) or not all(0 <= p <= 1 for p in self.heavy_share.values()):
+            raise ValueError(f"heavy_share takes probabilities for {sorted(DEFAULT_HEAVY_SHARE)}, got {heavy_share}.")
+        if set(self.chain_length) != set(DEFAULT_CHAIN_LENGTH) or not all(
+            1 <= low <= high for low, high in self.chain_length.values()
+        ):
+            raise ValueError(f"chain_length takes (min, max) with 1 <= min <= max for chain/heavy, got {chain_length}.")
         probs = _normalise_probs(category_probs)
         self.mask_pool = list(mask_pool) if mask_pool is not None else []
         if probs["swap"] > 0 and not self.mask_pool and not external_swap_pool:
@@ -201,8 +221,11 @@ class RandMaskCorruption(RandomizableTransform):
         unknown = [name for name in weights if name not in MASK_CORRUPTION_OPS]
         if unknown:
             raise ValueError(f"unknown mask corruption ops {unknown}; registered: {sorted(MASK_CORRUPTION_OPS)}.")
-        if sum(w > 0 for w in weights.values()) < 4 or any(w < 0 for w in weights.values()):
-            raise ValueError(f"ops needs at least 4 ops of positive weight (heavy chains draw several distinct ones), got {weights}.")
+        longest = max(high for _, high in self.chain_length.values())
+        if sum(w > 0 for w in weights.values()) < longest or any(w < 0 for w in weights.values()):
+            raise ValueError(
+                f"ops needs at least {longest} ops of positive weight (chains draw distinct ops), got {weights}."
+            )
         self.op_names = list(weights)
         self._op_weights = np.array([weights[n] for n in self.op_names], dtype=np.float64)
         self._op_weights /= self._op_weights.sum()
@@ -221,7 +244,7 @@ class RandMaskCorruption(RandomizableTransform):
 
     # -- randomisation -------------------------------------------------------------------------
     def _draw_ops(self, count: int, heavy_share: float) -> list[tuple[str, dict[str, Any]]]:
-        # weighted sampling without replacement (Gumbel top-k): one uniform draw per op, far cheaper than R.choice
+        # weighted sampling without replacement (Gumbel top-k): one uniform per op, much cheaper than R.choice
         keys = self._log_op_weights - np.log(-np.log(self.R.uniform(1e-12, 1.0, size=len(self.op_names))))
         names = [self.op_names[i] for i in np.argsort(-keys, kind="stable")[:count]]
         strengths = ["heavy" if u < heavy_share else "mild" for u in self.R.rand(count)]
@@ -234,15 +257,15 @@ class RandMaskCorruption(RandomizableTransform):
     def randomize(self, data: Any = None, pool_size: int = 0) -> None:
         """Draw the category, ops and parameters (``pool_size``: number of masks available for ``swap``)."""
         super().randomize(None)
-        category = CATEGORIES[min(int(np.searchsorted(self._cum_category, self.R.rand(), side="right")), len(CATEGORIES) - 1)]
+        index = int(np.searchsorted(self._cum_category, self.R.rand(), side="right"))
+        category = CATEGORIES[min(index, len(CATEGORIES) - 1)]
         self._category = category
         self._swap_indices = np.zeros(0, dtype=np.intp)
         if category == "single":
-            self._plan = self._draw_ops(1, HEAVY_SHARE["single"])
-        elif category == "chain":
-            self._plan = self._draw_ops(int(self.R.randint(CHAIN_LENGTH["chain"][0], CHAIN_LENGTH["chain"][1] + 1)), HEAVY_SHARE["chain"])
-        elif category == "heavy":
-            self._plan = self._draw_ops(int(self.R.randint(CHAIN_LENGTH["heavy"][0], CHAIN_LENGTH["heavy"][1] + 1)), HEAVY_SHARE["heavy"])
+            self._plan = self._draw_ops(1, self.heavy_share["single"])
+        elif category in ("chain", "heavy"):
+            low, high = self.chain_length[category]
+            self._plan = self._draw_ops(int(self.R.randint(low, high + 1)), self.heavy_share[category])
         elif category == "catastrophic":
             self._plan = self._draw_one(CATASTROPHIC_OPS)
         elif category == "blob":
@@ -299,7 +322,8 @@ class RandMaskCorruption(RandomizableTransform):
             if out is reference:
                 out = reference.copy()
         quality = torch.from_numpy(np.array(dice_score(reference, out), dtype=np.float32))
-        mask, *_ = convert_to_dst_type(out[None].astype(np.float32), dst=label, dtype=np.float32 if isinstance(label, np.ndarray) else torch.float32)
+        dtype = np.float32 if isinstance(label, np.ndarray) else torch.float32
+        mask, *_ = convert_to_dst_type(out[None].astype(np.float32), dst=label, dtype=dtype)
         return MaskCorruptionResult(mask, quality, self.describe())
 
     def describe(self) -> str:
@@ -317,7 +341,7 @@ class RandMaskCorruptiond(RandomizableTransform, MapTransform):
     Args:
         keys: exactly one key, the ``(1, H, W)`` ground-truth mask in ``{0, 1}``.
         mask_key, quality_key: output keys. corruption_key: output key of the description string (``None``: skip).
-        category_probs, ops, mask_pool, swap_candidates: see :class:`RandMaskCorruption`.
+        category_probs, ops, mask_pool, swap_candidates, heavy_share, chain_length: see :class:`RandMaskCorruption`.
         swap_pool_key: if set, ``data[swap_pool_key]`` (a sequence of masks or file paths) is this sample's swap
             pool instead of ``mask_pool``.
         allow_missing_keys: don't raise if the label key is missing (nothing is written then).
@@ -336,6 +360,8 @@ class RandMaskCorruptiond(RandomizableTransform, MapTransform):
         mask_pool: Sequence[PoolItem] | None = None,
         swap_pool_key: str | None = None,
         swap_candidates: int = 8,
+        heavy_share: Mapping[str, float] | None = None,
+        chain_length: Mapping[str, Sequence[int]] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -350,6 +376,8 @@ class RandMaskCorruptiond(RandomizableTransform, MapTransform):
             mask_pool=mask_pool,
             swap_candidates=swap_candidates,
             external_swap_pool=swap_pool_key is not None,
+            heavy_share=heavy_share,
+            chain_length=chain_length,
         )
 
     def set_random_state(
