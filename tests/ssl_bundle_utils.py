@@ -57,3 +57,11 @@ def write_quality_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.save(QualityPredictor(in_channels=4, backbone="resnet18").state_dict(), path)
     return path
+
+
+def latest_checkpoint_name(ckpt_dir: Path) -> str | None:
+    """File name of the newest resumable checkpoint in ``ckpt_dir`` (None when there is none)."""
+    from qgssl_monai.segmentation.training import latest_checkpoint
+
+    found = latest_checkpoint(ckpt_dir, required=False)
+    return None if found is None else Path(found).name

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qgssl_monai.experiments.runner import ExperimentRunner, Step, StepContext, select_steps
+from qgssl_monai.experiments.runner import ExperimentRunner, Step, StepContext, run_subprocess_pool, select_steps
 from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
 
 
@@ -182,3 +182,27 @@ def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path, tracking_uri:
     (again,) = tracker.step_runs("train")
     assert again.info.run_id == train_run.info.run_id and again.info.status == "FINISHED"
     assert tracker.metric_history(again.info.run_id, "val") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+
+
+def test_subprocess_pool_pins_one_run_per_device(tmp_path: Path) -> None:
+    # each "run" records its CUDA_VISIBLE_DEVICES and holds a per-device lock file while it works
+    code = textwrap.dedent(
+        """
+        import os, sys, time
+        from pathlib import Path
+        device = os.environ["CUDA_VISIBLE_DEVICES"]
+        lock = Path(sys.argv[1]) / f"busy_{device}"
+        assert not lock.exists(), "two runs on one device"
+        lock.write_text(sys.argv[2])
+        time.sleep(0.3)
+        lock.unlink()
+        (Path(sys.argv[1]) / f"{sys.argv[2]}.device").write_text(device)
+        sys.exit(3 if sys.argv[2] == "bad" else 0)
+        """
+    )
+    names = ["r0", "r1", "r2", "r3", "bad"]
+    commands = {n: [sys.executable, "-c", code, str(tmp_path), n] for n in names}
+    results = run_subprocess_pool(commands, devices=[0, 1], log_dir=tmp_path / "logs")
+    assert results == {"r0": True, "r1": True, "r2": True, "r3": True, "bad": False}
+    assert {(tmp_path / f"{n}.device").read_text() for n in names} == {"0", "1"}
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{n}.log" for n in names)

@@ -215,8 +215,11 @@ def test_b_trains_on_cutmix_crops_with_identically_mixed_targets() -> None:
     for _, target in loss.calls[2:4]:
         assert torch.equal(target, (mixed > 0.5).float())
     # mixing happened: some crop holds pixels of another sample (not a crop of its own image)
-    own = [any(torch.equal(mixed[s], image_u[s, :, i : i + 8, j : j + 8]) for i in range(9) for j in range(9)) for s in range(4)]
-    assert not all(own)
+    own_crops = [
+        any(torch.equal(mixed[s], image_u[s, :, i : i + 8, j : j + 8]) for i in range(9) for j in range(9))
+        for s in range(4)
+    ]
+    assert not all(own_crops)
 
 
 class MeanMaskQuality(nn.Module):
@@ -340,10 +343,16 @@ def test_tiny_3d_fdpl_run_patches_and_sliding_window(tmp_path) -> None:
     manifest = generate_synthetic_3d(tmp_path, n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=0)
     keys = ("image", "label")
     load = [LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys), AsDiscreted(keys="label", threshold=0.5)]
-    patches = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=(24, 24, 24), pos=1, neg=1, num_samples=1)
+    patches = RandCropByPosNegLabeld(
+        keys=keys, label_key="label", spatial_size=(24, 24, 24), pos=1, neg=1, num_samples=1
+    )
     labeled = Dataset(load_split(manifest, "training"), Compose([*load, patches]))
     unlabeled_chain = Compose(
-        [LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), RandSpatialCropd(keys="image", roi_size=(24, 24, 24), random_size=False)]
+        [
+            LoadImaged(keys="image"),
+            EnsureChannelFirstd(keys="image"),
+            RandSpatialCropd(keys="image", roi_size=(24, 24, 24), random_size=False),
+        ]
     )
     unlabeled = Dataset(load_split(manifest, "unlabeled"), unlabeled_chain)
     for chain in (labeled.transform, unlabeled_chain):

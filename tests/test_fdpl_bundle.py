@@ -30,6 +30,11 @@ def _quality_checkpoint(folder: Path, in_channels: int, spatial_dims: int) -> Pa
     return path
 
 
+def _configs(*names: str) -> list[Path]:
+    """Config files of the SSL bundle, in stacking order (later files override earlier keys)."""
+    return [CONFIGS / name for name in names]
+
+
 def _parse(files: list[Path], overrides: dict[str, Any]) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
@@ -71,12 +76,14 @@ def _common_overrides(tmp_path: Path, manifest: Path) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("net", NETS_2D)
 @pytest.mark.parametrize("method_file", ("fdpl", "fdpl_qw"))
-def test_2d_overlays_parse_and_train_one_iteration(tmp_path: Path, demo_manifest: Path, net: str, method_file: str) -> None:
+def test_2d_overlays_parse_and_train_one_iteration(
+    tmp_path: Path, demo_manifest: Path, net: str, method_file: str
+) -> None:
     overrides = _common_overrides(tmp_path, demo_manifest)
     # SwinUNETR's last stage needs >= 2x2 pixels at 1/32 scale: crops of 64 (images of 96); 64 px otherwise
     image_size = 96 if net == "swinunetr2d" else 64
     overrides.update(image_size=image_size, quality_ckpt=str(_quality_checkpoint(tmp_path, 4, 2)), fdpl_alpha=0.7)
-    parser = _parse([CONFIGS / "train.json", CONFIGS / "net" / f"{net}.json", CONFIGS / "method" / f"{method_file}.json"], overrides)
+    parser = _parse(_configs("train.json", f"net/{net}.json", f"method/{method_file}.json"), overrides)
     method = parser.get_parsed_content("method")
     assert isinstance(method, FDPLQW if method_file == "fdpl_qw" else FDPL)
     assert method.crop_multiple == 32 and method.beta == 1.0 and method.offset is None
@@ -88,7 +95,8 @@ def test_2d_overlays_parse_and_train_one_iteration(tmp_path: Path, demo_manifest
     assert isinstance(loss, PerSampleDiceBCELoss)
     logits, target = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
     dice = 1 - (2 * 0.5 * 16 + 1e-5) / (0.5 * 16 + 16 + 1e-5)
-    assert float(loss(logits, target)) == pytest.approx(0.7 * dice + 0.3 * float(torch.log(torch.tensor(2.0))), rel=1e-5)
+    bce = float(torch.log(torch.tensor(2.0)))
+    assert float(loss(logits, target)) == pytest.approx(0.7 * dice + 0.3 * bce, rel=1e-5)
     output = trainer.state.output[0]  # decollated: one dict per labeled sample
     assert output["extra_sup_loss"] > 0 and torch.isfinite(torch.tensor(output["loss"]))
     if method_file == "fdpl_qw":
@@ -119,7 +127,7 @@ def test_3d_overlays_parse_and_train_one_iteration(
             "quality_net_kwargs#spatial_dims": 3,
         }
     )
-    files = [CONFIGS / "train.json", CONFIGS / "train_3d.json", CONFIGS / "net" / f"{net}.json", CONFIGS / "method" / f"{method_file}.json"]
+    files = _configs("train.json", "train_3d.json", f"net/{net}.json", f"method/{method_file}.json")
     parser = _parse(files, overrides)
     assert isinstance(parser.get_parsed_content("validate#inferer"), SlidingWindowInferer)
     method = parser.get_parsed_content("method")
@@ -144,7 +152,7 @@ def test_3d_bundle_run_trains_validates_and_writes_voxel_metrics(tmp_path: Path,
 
     from monai.bundle import run
 
-    files = [CONFIGS / "train.json", CONFIGS / "train_3d.json", CONFIGS / "net" / "unet3d.json", CONFIGS / "method" / "fdpl.json"]
+    files = _configs("train.json", "train_3d.json", "net/unet3d.json", "method/fdpl.json")
     run(
         config_file=[str(f) for f in files],
         bundle_root=str(tmp_path),
@@ -162,3 +170,15 @@ def test_3d_bundle_run_trains_validates_and_writes_voxel_metrics(tmp_path: Path,
     assert set(summary) >= {"dice", "iou", "hd95", "asd"} and summary["dice"]["n"] == 1
     diagonal = (3 * 31**2) ** 0.5  # worst-case distance in a 32^3 volume, in voxels
     assert 0.0 <= summary["dice"]["mean"] <= 1.0 and 0.0 <= summary["hd95"]["mean"] <= diagonal
+
+
+def test_peer_from_network_config_is_a_fresh_instance(tmp_path: Path, demo_manifest: Path) -> None:
+    overrides = _common_overrides(tmp_path, demo_manifest)
+    overrides.update({"image_size": 64, "method#peer": "%network_def"})
+    parser = _parse(_configs("train.json", "net/unet.json", "method/fdpl.json"), overrides)
+    method, student = parser.get_parsed_content("method"), parser.get_parsed_content("student")
+    assert type(method.peer) is type(student) and method.peer is not student
+    pairs = list(zip(method.peer.parameters(), student.parameters()))
+    assert all(a.shape == b.shape for a, b in pairs) and any(not torch.equal(a, b) for a, b in pairs)
+    optimizer_ids = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
+    assert {id(p) for p in method.peer.parameters()} <= optimizer_ids  # B is trained by the bundle's optimizer

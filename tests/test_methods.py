@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
 from qgssl_monai.engines import SemiSupervisedTrainer, ssl_optimizer_parameters
@@ -376,6 +376,36 @@ def test_cl_adds_weighted_contrastive_term_and_trains_projection_head() -> None:
     assert out.unsup_loss.item() == pytest.approx(expected.item(), abs=1e-5)
     out.unsup_loss.backward()
     assert all(p.grad is not None for p in method.trainable_parameters())
+
+
+def test_cl_uses_penultimate_features_of_a_named_student_layer() -> None:
+    torch.manual_seed(0)
+    student = BasicUNet(2, 3, 1, features=(4, 4, 8, 8, 16, 4))
+    seen = []
+    student.final_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    method = build_method("cl", feature_layer="final_conv", feature_channels=4, confidence_threshold=None)
+    method.setup(student)
+    assert method.projection_head[0].in_channels == 4 + 3
+    captured = []
+    original_embed = method.embed
+
+    def recording_embed(context: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        captured.append(context.detach())
+        return original_embed(context, probs)
+
+    method.embed = recording_embed
+    image_u = torch.rand(2, 3, 32, 32)
+    ctx = make_context(student, image_u)
+    out = method.unsupervised_loss(ctx)
+    assert torch.equal(captured[-1], seen[-1]) and captured[-1].shape == (2, 4, 32, 32)
+    assert "student_logits_u" in ctx.cache  # shared with other components
+    out.unsup_loss.backward()
+    assert all(p.grad is not None for p in method.trainable_parameters())
+    assert student.final_conv.weight.grad is not None
+    with pytest.raises(ValueError, match="not a submodule"):
+        build_method("cl", feature_layer="nope", feature_channels=4).setup(student)
+    with pytest.raises(ValueError, match="feature_channels"):
+        build_method("cl", feature_layer="final_conv")
 
 
 # ----------------------------------------------------------------------------------------------- registry, composition

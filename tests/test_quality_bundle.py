@@ -174,6 +174,10 @@ def test_inference_bundle_and_quality_check_cli_agree(trained_bundle: Path, demo
     for row, score in zip(bundle_rows, direct):
         assert float(row["quality"]) == pytest.approx(score, abs=1e-5)
 
+    # in-memory pairs already at the training size (the MONAI Label path) score the same
+    loaded = checker.transform({"image": str(tmp_path / rows[0][0]), "mask": str(tmp_path / rows[0][1])})
+    assert checker.score_tensors(loaded["image"], loaded["mask"][0]) == pytest.approx(direct[0], abs=1e-5)
+
     common = ["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), "--image-size", str(SIZE)]
     assert qgssl_main(["quality-check", "--image", str(tmp_path / rows[0][0]), "--mask", str(tmp_path / rows[0][1]), *common]) == 0
     assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(direct[0], abs=1e-4)
@@ -217,5 +221,8 @@ def test_multi_gpu_overlay_runs_two_gloo_processes(demo_manifest, tmp_path) -> N
     # 28 images x K=2 = 56 samples split over 2 ranks -> 28 per rank -> 4 iterations of batch 8 on each
     assert "[4/4]" in log and "[7/7]" not in log
     assert log.count("Epoch[1] Metrics") == 1  # validation stats only on rank 0
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    # checkpoints hold the unwrapped network: plain keys, loadable without DDP
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert "head.1.weight" in state and not any(k.startswith("module.") for k in state)
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in checkpoint["network"])

@@ -171,6 +171,17 @@ def test_unlabeled_distributed_sampler_gets_pass_index() -> None:
     assert sampler.epochs == [0, 1, 2]
 
 
+def test_resumed_run_continues_unlabeled_pass_index() -> None:
+    trainer = make_trainer(build_method("pl-t"), epoch_length=3, max_epochs=2)
+    data = DictData(4, False, seed=2)
+    sampler = RecordingSampler(data)
+    trainer.unlabeled_data_loader = DataLoader(data, batch_size=2, sampler=sampler)  # 2 batches per pass
+    trainer.state.iteration, trainer.state.epoch = 3, 1  # as restored by CheckpointLoader after epoch 1
+    trainer.run()
+    assert trainer.state.iteration == 6
+    assert sampler.epochs == [1, 2]  # 3 draws done before: pass 1 continues, then pass 2
+
+
 def test_bf16_autocast_runs_on_cpu_and_fp16_needs_cuda() -> None:
     trainer = make_trainer(build_method("mt"), epoch_length=2, max_epochs=1, autocast_dtype="bf16")
     before = [p.detach().clone() for p in trainer.network.parameters()]

@@ -31,7 +31,15 @@ from pathlib import Path
 from qgssl_monai.data.manifest import ManifestError, natural_key
 from qgssl_monai.data.presets import DatasetInfo, ScanResult, register_preset
 
-__all__ = ["PAPER_LABEL_RATIOS", "VOLUME_SUFFIXES", "case_number", "scan_brats2019", "scan_la2018", "scan_pancreas_ct", "volume_stem"]
+__all__ = [
+    "PAPER_LABEL_RATIOS",
+    "VOLUME_SUFFIXES",
+    "case_number",
+    "scan_brats2019",
+    "scan_la2018",
+    "scan_pancreas_ct",
+    "volume_stem",
+]
 
 #: labeled fractions of the training split used by the semi-supervised 3D papers, per preset
 PAPER_LABEL_RATIOS: dict[str, tuple[float, ...]] = {
@@ -67,6 +75,19 @@ def case_number(path: Path) -> int:
     if not numbers:
         raise ManifestError(f"cannot read a case number from {path}")
     return int(numbers[-1])
+
+
+def _by_case_number(folder: Path, what: str) -> dict[int, Path]:
+    """Volumes of ``folder`` keyed by :func:`case_number`; duplicates raise ``ManifestError``."""
+    table: dict[int, Path] = {}
+    for path in _volumes(folder):
+        number = case_number(path)
+        if number in table:
+            raise ManifestError(
+                f"two Pancreas-CT {what} share case number {number} in {folder}: {table[number].name}, {path.name}"
+            )
+        table[number] = path
+    return table
 
 
 def _require_dir(root: Path) -> None:
@@ -113,7 +134,8 @@ def scan_la2018(root: Path) -> ScanResult:
         source="https://www.cancerimagingarchive.net/collection/pancreas-ct/",
         citation=(
             'Roth et al., "DeepOrgan: Multi-level deep convolutional networks for automated pancreas '
-            'segmentation", MICCAI 2015, LNCS 9349, pp. 556-564 (data: TCIA Pancreas-CT, doi:10.7937/K9/TCIA.2016.tNB1kqBU).'
+            'segmentation", MICCAI 2015, LNCS 9349, pp. 556-564 '
+            "(data: TCIA Pancreas-CT, doi:10.7937/K9/TCIA.2016.tNB1kqBU)."
         ),
         licence="CC BY 3.0 (TCIA Pancreas-CT).",
         labels={"0": "background", "1": "pancreas"},
@@ -130,18 +152,8 @@ def scan_pancreas_ct(root: Path) -> ScanResult:
     else:
         tried = "; ".join(f"'{i}/' + '{lbl}/'" for i, lbl in layouts)
         raise ManifestError(f"no Pancreas-CT layout under {root}: expected {tried}")
-    images = {}
-    for path in _volumes(image_dir):
-        number = case_number(path)
-        if number in images:
-            raise ManifestError(f"two Pancreas-CT images share case number {number} in {image_dir}: {images[number].name}, {path.name}")
-        images[number] = path
-    labels = {}
-    for path in _volumes(label_dir):
-        number = case_number(path)
-        if number in labels:
-            raise ManifestError(f"two Pancreas-CT labels share case number {number} in {label_dir}: {labels[number].name}, {path.name}")
-        labels[number] = path
+    images = _by_case_number(image_dir, "images")
+    labels = _by_case_number(label_dir, "labels")
     if not images:
         raise ManifestError(f"no volumes ({', '.join(VOLUME_SUFFIXES)}) in {image_dir}")
     orphans = sorted(set(labels) - set(images))

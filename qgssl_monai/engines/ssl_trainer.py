@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.inferers import Inferer
@@ -155,6 +156,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self._unlabeled_iterator: Iterator | None = None
         self._unlabeled_pass = 0
         self._add_missing_method_parameters()
+        self.add_event_handler(Events.STARTED, self._sync_unlabeled_pass)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
 
@@ -167,6 +169,19 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 "adding them as a new param group (build the optimizer with ssl_optimizer_parameters to avoid this)."
             )
             self.optimizer.add_param_group({"params": missing})
+
+    def _sync_unlabeled_pass(self, engine: SemiSupervisedTrainer) -> None:
+        """On (re)start, continue the unlabeled pass count from the iteration count, so a resumed run's
+        ``DistributedSampler`` shuffles with the same pass index (the position within that pass restarts)."""
+        self._unlabeled_iterator = None
+        if self.unlabeled_data_loader is None or not isinstance(self.unlabeled_data_loader, Sized):
+            return
+        try:
+            batches_per_pass = len(self.unlabeled_data_loader)
+        except TypeError:  # iterable dataset without length
+            return
+        if batches_per_pass > 0:
+            self._unlabeled_pass = int(self.state.iteration) // batches_per_pass
 
     def next_unlabeled_batch(self) -> Tensor:
         """Next unlabeled image batch ``(B_u, C, *S)`` on the engine's device; the loader is cycled."""

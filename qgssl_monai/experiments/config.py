@@ -332,6 +332,8 @@ def load_experiment(
             errors.append(f"execution.devices: expected 'auto', 'cpu' or a list of GPU indices, got {devs!r}")
         if not isinstance(execution.ddp_nproc, int) or execution.ddp_nproc < 1:
             errors.append(f"execution.ddp_nproc: expected an integer >= 1, got {execution.ddp_nproc!r}")
+        elif execution.ddp_nproc > 1 and not Path(bundles_dir, "ssl_segmentation", "configs", "multi_gpu_train.json").is_file():
+            errors.append("execution.ddp_nproc > 1 needs bundles/ssl_segmentation/configs/multi_gpu_train.json, which does not exist")
     if report is not None:
         if report.paired_test not in ("wilcoxon", "ttest"):
             errors.append(f"report.paired_test: {report.paired_test!r} not in ['wilcoxon', 'ttest']")

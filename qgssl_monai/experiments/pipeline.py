@@ -208,10 +208,6 @@ def _tracking_settings(tracking_uri: str, experiment_name: str, run_name: str) -
     return settings
 
 
-def _read_param(run_params: Mapping[str, str], key: str) -> str | None:
-    return run_params.get(key)
-
-
 def _merged_config_values(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any], ids: Mapping[str, str]) -> dict[str, Any]:
     """Raw values of ``ids`` in the stacked configs + overrides (``"default"`` when unset)."""
     from monai.bundle import ConfigParser
@@ -262,7 +258,7 @@ class ExperimentPipeline:
             "data_root": None,
             "image_size": self.cfg.image_size,
         }
-        if resolve_devices(self.cfg.execution.devices) == [] and self.cfg.execution.devices == "cpu":
+        if self.cfg.execution.devices == "cpu":  # else the bundles pick cuda:0 (the pinned GPU) when present
             overrides["device"] = "$torch.device('cpu')"
         return overrides
 
@@ -304,7 +300,7 @@ class ExperimentPipeline:
             Step(
                 "data:prepare",
                 "prepare",
-                {"data": cfg.to_dict()["data"]},
+                {"data": cfg.to_dict()["data"], "manifests": self._file_digest([cfg.data.labeled, cfg.data.unlabeled])},
                 self._prepare,
                 outputs=[str(self.manifest)],
             )
@@ -333,6 +329,13 @@ class ExperimentPipeline:
                 for seed in cfg.seeds:
                     steps.append(self._ssl_step(method, network, seed, quality_ckpt, quality_deps))
         return steps
+
+    @staticmethod
+    def _file_digest(paths: Sequence[str | None]) -> dict[str, str | None]:
+        """Path -> content hash (None when missing), so an edited manifest reruns ``data:prepare`` and all after it."""
+        from qgssl_monai.experiments.config import stable_hash
+
+        return {str(p): (stable_hash(Path(p).read_text()) if p and Path(p).is_file() else None) for p in paths}
 
     def _config_digest(self, bundle: str, files: Sequence[str]) -> dict[str, str]:
         """File name -> content of the bundle configs used, so editing a bundle config reruns its steps."""

@@ -1,10 +1,17 @@
 """CL: pseudo-labels plus a local pixel-level contrastive loss (InfoNCE over sampled pixels).
 
-Pixel embeddings: the segmenters used here expose only logits, so embeddings come from a small projection
-head owned by the method, applied to the input-level multi-scale probability context
-``e = normalize(head(cat([x, p, avgpool_3(p), avgpool_7(p)])))`` with ``p = sigmoid(f(x))`` (stride-1 pooling,
-full resolution; gradients reach the student through ``p``). Head: 1x1 conv -> ReLU -> 1x1 conv (32 hidden,
-16 output channels).
+Pixel embeddings come from a small projection head owned by the method,
+``e = normalize(head(cat([h, p, avgpool_3(p), avgpool_7(p)])))`` with ``p = sigmoid(f(x))`` (stride-1 pooling,
+full resolution) and ``h`` either
+
+* the student's penultimate features, when reachable: ``feature_layer`` names the student submodule whose
+  *input* they are (e.g. ``"final_conv"`` of MONAI ``BasicUNet``), captured by a forward pre-hook during the
+  student's unlabeled forward and resized to the logits' size (``feature_channels`` channels); or
+* the image ``x`` itself (default): the input-level multi-scale probability context, for networks that only
+  expose logits.
+
+Gradients reach the student through ``p`` (and ``h``). Head: 1x1 conv -> ReLU -> 1x1 conv (32 hidden, 16 output
+channels).
 
 Per iteration, with the pseudo-label ``y`` and confidence mask of :class:`PseudoLabel` (student source, pixel
 confidence >= 0.9):
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from monai.networks.layers import Conv, Pool
 from torch import Tensor, nn
 
-from qgssl_monai.methods.base import MethodOutput, StepContext
+from qgssl_monai.methods.base import MethodOutput, StepContext, unwrap_parallel
 from qgssl_monai.methods.pseudo_label import PseudoLabel, hard_label
 from qgssl_monai.methods.quality_weighting import QualityWeighting
 
@@ -101,6 +108,9 @@ class ContrastivePseudoLabel(PseudoLabel):
         num_negatives: negatives per anchor (256).
         num_anchors: anchors per class per sample (32).
         embed_dim / hidden_dim: projection head sizes (16 / 32).
+        feature_layer: dotted name of the student submodule whose input are the penultimate features;
+            ``None`` uses the image instead (see module docstring).
+        feature_channels: channels of those features (required with ``feature_layer``).
         source, confidence_threshold, quality_weighting, loss_function: as :class:`PseudoLabel`.
     """
 
@@ -116,6 +126,8 @@ class ContrastivePseudoLabel(PseudoLabel):
         num_anchors: int = 32,
         embed_dim: int = 16,
         hidden_dim: int = 32,
+        feature_layer: str | None = None,
+        feature_channels: int | None = None,
         source: str = "student",
         confidence_threshold: float | None = 0.9,
         quality_weighting: QualityWeighting | None = None,
@@ -124,12 +136,18 @@ class ContrastivePseudoLabel(PseudoLabel):
         super().__init__(source, confidence_threshold, quality_weighting, loss_function)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if feature_layer is not None and not feature_channels:
+            raise ValueError(f"feature_layer={feature_layer!r} needs feature_channels (channels of its input).")
+        self.feature_layer = feature_layer
+        self._captured: dict = {"active": False, "features": None}
+        self._hook_handle = None
+        context_channels = feature_channels if feature_layer is not None else in_channels
         conv = Conv[Conv.CONV, spatial_dims]
         pool = Pool[Pool.AVG, spatial_dims]
         self.spatial_dims = spatial_dims
         self.context_pools = nn.ModuleList([pool(3, stride=1, padding=1), pool(7, stride=1, padding=3)])
         self.projection_head = nn.Sequential(
-            conv(in_channels + 3, hidden_dim, kernel_size=1),
+            conv(context_channels + 3, hidden_dim, kernel_size=1),
             nn.ReLU(inplace=True),
             conv(hidden_dim, embed_dim, kernel_size=1),
         )
@@ -141,21 +159,60 @@ class ContrastivePseudoLabel(PseudoLabel):
     def trainable_parameters(self):
         return self.projection_head.parameters()
 
-    def embed(self, image: Tensor, probs: Tensor) -> Tensor:
-        """``(B, embed_dim, *S)`` L2-normalised embeddings of the multi-scale probability context."""
-        context = [image, probs] + [pool(probs) for pool in self.context_pools]
-        return F.normalize(self.projection_head(torch.cat(context, dim=1)).float(), dim=1)
+    def setup(self, student: nn.Module) -> None:
+        super().setup(student)
+        if self.feature_layer is None or self._hook_handle is not None:
+            return
+        modules = dict(unwrap_parallel(student).named_modules())
+        if self.feature_layer not in modules:
+            names = [name for name in modules if name][:12]
+            raise ValueError(
+                f"feature_layer {self.feature_layer!r} is not a submodule of {type(student).__name__}; "
+                f"e.g. {names}."
+            )
+        captured = self._captured
+
+        def capture_input(module: nn.Module, args: tuple) -> None:
+            # only the CL unlabeled forward is captured (copies of the student share this hook function)
+            if captured["active"]:
+                captured["features"] = args[0]
+
+        self._hook_handle = modules[self.feature_layer].register_forward_pre_hook(capture_input)
+
+    def student_logits_and_features(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """Student logits on ``image_u`` and the context ``h`` (features or the image) for the head."""
+        if self.feature_layer is None:
+            return ctx.student_logits_u(), ctx.image_u
+        self._captured.update(active=True, features=None)
+        try:
+            logits_u = ctx.student(ctx.image_u)
+        finally:
+            self._captured["active"] = False
+        features = self._captured["features"]
+        self._captured["features"] = None
+        if features is None:
+            raise RuntimeError(f"feature_layer {self.feature_layer!r} was not called in the student's forward.")
+        ctx.cache.setdefault("student_logits_u", logits_u)
+        if features.shape[2:] != logits_u.shape[2:]:
+            mode = "bilinear" if features.ndim == 4 else "trilinear"
+            features = F.interpolate(features, size=logits_u.shape[2:], mode=mode, align_corners=False)
+        return logits_u, features
+
+    def embed(self, context: Tensor, probs: Tensor) -> Tensor:
+        """``(B, embed_dim, *S)`` L2-normalised embeddings of ``cat([context, p, pool_3(p), pool_7(p)])``."""
+        stacked = [context.to(probs.dtype), probs] + [pool(probs) for pool in self.context_pools]
+        return F.normalize(self.projection_head(torch.cat(stacked, dim=1)).float(), dim=1)
 
     def unsupervised_loss(self, ctx: StepContext) -> MethodOutput:
         image_u = ctx.image_u
-        logits_u = ctx.student_logits_u()
+        logits_u, context = self.student_logits_and_features(ctx)
         probs = self.source_probabilities(ctx, logits_u)
         pseudo = hard_label(probs)
         mask = self.confidence_mask(probs)
         loss_fn = self.loss_fn(ctx)
         pl_loss = loss_fn(logits_u, pseudo, mask) if mask is not None else loss_fn(logits_u, pseudo)
         confident = torch.ones_like(pseudo, dtype=torch.bool) if mask is None else mask > 0
-        embeddings = self.embed(image_u, torch.sigmoid(logits_u))
+        embeddings = self.embed(context, torch.sigmoid(logits_u))
         contrastive = pixel_info_nce(
             embeddings, pseudo, confident, self.temperature, self.num_anchors, self.num_negatives
         )

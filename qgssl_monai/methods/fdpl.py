@@ -156,9 +156,9 @@ class FDPL(SSLMethod, Randomizable):
             self.peer = reinitialise(copy.deepcopy(student), self.peer_seed)
         for param in self.peer.parameters():
             param.requires_grad_(True)
-        device = next(iter(student.parameters()), None)
-        if device is not None:
-            self.peer.to(device.device)
+        first_parameter = next(student.parameters(), None)
+        if first_parameter is not None:  # the peer lives where the student does
+            self.peer.to(first_parameter.device)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Subnet B's parameters (the engine's optimizer holds the student's)."""
@@ -177,7 +177,9 @@ class FDPL(SSLMethod, Randomizable):
             else tuple(int(c) for c in self.crop_size)  # type: ignore[union-attr]
         )
         if len(sizes) != len(spatial_shape) or any(c > s or c < 1 for c, s in zip(sizes, spatial_shape)):
-            raise ValueError(f"FDPL crop_size {self.crop_size} does not fit images of spatial shape {tuple(spatial_shape)}.")
+            raise ValueError(
+                f"FDPL crop_size {self.crop_size} does not fit images of spatial shape {tuple(spatial_shape)}."
+            )
         return sizes
 
     def resolve_offset(self, crop_size: Sequence[int]) -> tuple[int, ...]:
@@ -215,7 +217,9 @@ class FDPL(SSLMethod, Randomizable):
         batch = fixed_probability.shape[0]
         shifted_probability = torch.sigmoid(network(shifted_crops).float())
         shifted_probability = shifted_probability.reshape(-1, batch, *shifted_probability.shape[1:]).transpose(0, 1)
-        temporary, coverage = temporary_pseudo_label(shifted_probability, fixed_starts, shifted_starts, valid, crop_size)
+        temporary, coverage = temporary_pseudo_label(
+            shifted_probability, fixed_starts, shifted_starts, valid, crop_size
+        )
         dynamic = combine_pseudo_labels(fixed_probability, temporary, coverage)
         return self._to_target(fixed_probability), self._to_target(dynamic)
 
@@ -257,8 +261,9 @@ class FDPL(SSLMethod, Randomizable):
 
         # subnet A on the original fixed crop: its prediction learns from B and gives B's targets
         logits_a = ctx.student(fixed_crops)
+        probability_a = torch.sigmoid(logits_a.detach().float())
         fixed_a, dynamic_a = self.pseudo_labels(
-            ctx.student, torch.sigmoid(logits_a.detach().float()), shifted_crops, fixed_starts, shifted_starts, valid, crop_size
+            ctx.student, probability_a, shifted_crops, fixed_starts, shifted_starts, valid, crop_size
         )
         with torch.no_grad():
             probability_b = torch.sigmoid(peer(fixed_crops).float())
@@ -285,7 +290,8 @@ class FDPL(SSLMethod, Randomizable):
         weights = None
         if self.quality_weighting is not None:
             # order: A<-B fixed, A<-B dynamic, B<-A fixed, B<-A dynamic, each (B_u,)
-            weights = torch.cat([weights_fix_a, weights_dyn_a, weights_fix_b, weights_dyn_b]).detach()  # type: ignore[list-item]
+            parts = [weights_fix_a, weights_dyn_a, weights_fix_b, weights_dyn_b]
+            weights = torch.cat(parts).detach()  # type: ignore[arg-type]
         coverage = float(valid.any(axis=1).mean())
         logs = {
             "fdpl_loss_fix": (loss_fix_a + loss_fix_b).detach(),

@@ -91,7 +91,10 @@ def shifted_crop_starts(
         shift is zero (the crop would repeat the fixed crop).
     """
     fixed_starts = np.asarray(fixed_starts, dtype=np.int64)
-    offsets = [int(offset)] * len(shift_axes) if np.isscalar(offset) else [int(o) for o in offset]  # type: ignore[union-attr]
+    if np.isscalar(offset):
+        offsets = [int(offset)] * len(shift_axes)  # type: ignore[arg-type]
+    else:
+        offsets = [int(o) for o in offset]  # type: ignore[union-attr]
     if len(offsets) != len(shift_axes):
         raise ValueError(f"FDPL offset {offset} must be one int or one per shift axis {tuple(shift_axes)}.")
     starts, valid = [], []

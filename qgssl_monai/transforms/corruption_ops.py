@@ -230,10 +230,9 @@ def _fill_ellipse(
         c0, c1 = max(int(np.ceil(centre[1] - a)), 0), min(int(np.floor(centre[1] + a)) + 1, shape[1])
         if r0 >= r1 or c0 >= c1:
             return out
-        # rows r0..r1 lie within the disk's vertical extent, so the square root's argument is >= 0
-        half = np.sqrt(np.maximum(a * a - (np.arange(r0, r1) - centre[0]) ** 2, 0.0))[:, None]
-        offset = np.abs(np.arange(c0, c1) - centre[1])[None, :]
-        out[r0:r1, c0:c1] = offset <= half
+        dr2 = (np.arange(r0, r1) - centre[0])[:, None] ** 2
+        dc2 = (np.arange(c0, c1) - centre[1])[None, :] ** 2
+        out[r0:r1, c0:c1] = dr2 + dc2 <= a * a
         return out
     cos, sin = np.cos(angle), np.sin(angle)
     reach_r = np.sqrt((a * cos) ** 2 + (b * sin) ** 2) + 1
@@ -381,9 +380,18 @@ def _random_disks(
 ) -> np.ndarray:
     """Union of disks at ``centres`` (``(n, 2)`` rows/cols) with radii ``radius * U(0.5, 1.5)`` pixels."""
     out = np.zeros(shape, dtype=bool)
-    for (row, col), factor in zip(centres, rng.uniform(0.5, 1.5, size=len(centres))):
-        rad = max(radius * factor, 0.5)
-        out |= _fill_ellipse(shape, (float(row), float(col)), (rad, rad), 0.0)
+    if len(centres) == 0:
+        return out
+    centres = np.asarray(centres, dtype=np.float64)
+    radii = np.maximum(radius * rng.uniform(0.5, 1.5, size=len(centres)), 0.5)
+    # all disks at once on the union of their bounding boxes: (n, h, 1) + (n, 1, w) <= r^2, any over n
+    r0 = max(int(np.floor((centres[:, 0] - radii).min())), 0)
+    r1 = min(int(np.ceil((centres[:, 0] + radii).max())) + 1, shape[0])
+    c0 = max(int(np.floor((centres[:, 1] - radii).min())), 0)
+    c1 = min(int(np.ceil((centres[:, 1] + radii).max())) + 1, shape[1])
+    dr2 = (np.arange(r0, r1)[None, :] - centres[:, :1]) ** 2
+    dc2 = (np.arange(c0, c1)[None, :] - centres[:, 1:]) ** 2
+    out[r0:r1, c0:c1] = (dr2[:, :, None] + dc2[:, None, :] <= (radii**2)[:, None, None]).any(axis=0)
     return out
 
 
@@ -433,8 +441,9 @@ def ellipse_fit(mask: np.ndarray, rng: np.random.RandomState, scale: float = 1.0
 
 
 def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5) -> np.ndarray:
-    """Polygon of up to ``vertices`` corners: in each of ``vertices`` equal angular sectors around the centroid
-    (random start angle), the boundary pixel farthest from the centroid becomes a corner."""
+    """Polygon of up to ``vertices`` corners: for each of ``vertices`` equally spaced directions from the centroid
+    (random start angle), the boundary pixel closest in angle to that direction (the farthest one on ties) becomes a
+    corner; a round object gives a roughly regular inscribed polygon."""
     if not mask.any():
         return mask.copy()
     vertices = max(int(vertices), 3)
@@ -447,13 +456,16 @@ def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5)
     rows, cols = rows + box[0], cols + box[2]
     centre_r, centre_c = _centroid(mask)
     dr, dc = rows - centre_r, cols - centre_c
-    sector = (np.mod(np.arctan2(dr, dc) - offset, 2.0 * np.pi) / (2.0 * np.pi / vertices)).astype(np.intp)
-    sector = np.minimum(sector, vertices - 1)
-    order = np.lexsort((dr * dr + dc * dc, sector))
-    last_of_sector = order[np.r_[sector[order][1:] != sector[order][:-1], True]]
-    if last_of_sector.size < 3:  # tiny or degenerate object: keep its boundary pixels
+    step = 2.0 * np.pi / vertices
+    # sector k is centred on the direction offset + k * step
+    relative = np.mod(np.arctan2(dr, dc) - offset + step / 2.0, 2.0 * np.pi)
+    sector = np.minimum((relative / step).astype(np.intp), vertices - 1)
+    off_direction = np.abs(relative - (sector + 0.5) * step)
+    order = np.lexsort((-(dr * dr + dc * dc), off_direction, sector))
+    first_of_sector = order[np.r_[True, sector[order][1:] != sector[order][:-1]]]
+    if first_of_sector.size < 3:  # tiny or degenerate object: keep it
         return mask.copy()
-    return _fill_polygon(mask.shape, rows[last_of_sector].astype(np.float64), cols[last_of_sector].astype(np.float64))
+    return _fill_polygon(mask.shape, rows[first_of_sector].astype(np.float64), cols[first_of_sector].astype(np.float64))
 
 
 def convex_hull(mask: np.ndarray, rng: np.random.RandomState) -> np.ndarray:

@@ -1,0 +1,3 @@
+from .lowest_quality import LowestQuality
+
+__all__ = ["LowestQuality"]

@@ -1,0 +1,3 @@
+from .quality_ranking import QUALITY_INFO_KEY, QualityRanking, score_image
+
+__all__ = ["QUALITY_INFO_KEY", "QualityRanking", "score_image"]
