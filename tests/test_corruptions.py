@@ -24,7 +24,6 @@ from qgssl_monai.transforms.corruptions import (
 )
 
 BACKENDS = ["scipy"] + (["opencv"] if ops.cv2 is not None else [])
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -217,7 +216,8 @@ def test_smooth_removes_thin_protrusion(backend: str):
 def test_blobs_keep_area_and_position(backend: str):
     mask = np.zeros((100, 100), bool)
     mask[30:50, 40:80] = True  # 800 px, centroid (39.5, 59.5)
-    for blob in (ops.disk_blob(mask, rng(), at_centroid=True), ops.gaussian_blob(mask, rng(), aspect=2.0, at_centroid=True)):
+    blobs = (ops.disk_blob(mask, rng(), at_centroid=True), ops.gaussian_blob(mask, rng(), aspect=2.0, at_centroid=True))
+    for blob in blobs:
         assert blob.sum() == pytest.approx(800, rel=0.05)
         np.testing.assert_allclose(ndimage.center_of_mass(blob), (39.5, 59.5), atol=0.7)
     elsewhere = ops.disk_blob(mask, rng(3), at_centroid=False)
@@ -311,6 +311,8 @@ def test_dictionary_transform_keys_types_and_collation():
     batch = torch.utils.data.default_collate([transform({"label": label}) for _ in range(4)])
     assert batch["quality"].shape == (4,) and batch["quality"].dtype == torch.float32
     assert batch["mask"].shape == (4, 1, 32, 32)
+    plain = transform({"label": torch.from_numpy(blob_label(32, 2))})["mask"]
+    assert type(plain) is torch.Tensor and plain.dtype == torch.float32
     # empty label: identity gives 1.0, catastrophic "full" gives 0.0
     empty = np.zeros((1, 16, 16), np.float32)
     assert float(RandMaskCorruption(category_probs={"identity": 1.0})(empty).quality) == 1.0
@@ -428,11 +430,10 @@ def test_swap_picks_closest_area_from_file_pool(tmp_path: Path):
 
 
 @pytest.mark.realdata
-def test_default_mix_spans_every_dice_bin_on_real_masks():
-    if not REAL_DATA.is_dir():
-        pytest.skip(f"real data folder {REAL_DATA} is absent")
-    paths = sorted((REAL_DATA / "kvasir-seg" / "masks").glob("*.png"))[:100] + sorted(
-        (REAL_DATA / "cvc-clinicdb" / "masks").glob("*.png")
+def test_default_mix_spans_every_dice_bin_on_real_masks(real_data_root: Path):
+    # real_data_root (conftest): ../shared/data beside the checkout, skips when absent
+    paths = sorted((real_data_root / "kvasir-seg" / "masks").glob("*.png"))[:100] + sorted(
+        (real_data_root / "cvc-clinicdb" / "masks").glob("*.png")
     )[:60]
     masks = [np.asarray(Image.open(p).convert("L").resize((128, 128), Image.BILINEAR)) > 127 for p in paths]
     transform = RandMaskCorruption(mask_pool=masks)
@@ -458,3 +459,20 @@ def test_strength_and_chain_length_settings():
         RandMaskCorruption(chain_length={"heavy": (3, 2)})
     with pytest.raises(ValueError, match="at least 3 ops"):
         RandMaskCorruption(ops={"erode": 1.0, "dilate": 1.0, "smooth": 0.0})
+
+
+@pytest.mark.skipif(ops.cv2 is None, reason="OpenCV accelerator not installed")
+def test_morphology_backends_identical_at_image_border():
+    mask = ndimage.gaussian_filter(np.random.RandomState(0).rand(72, 72), 5) > 0.5
+    mask[:, :3] = True
+    mask[-2:, :] = True  # touches two image borders: outside the image is neither object nor background
+    for radius in (0.03, 0.08, 0.2):  # disk-filter path (< 9.5 px) and distance-transform path
+        for op in (ops.erode, ops.dilate, ops.opening, ops.closing):
+            results = []
+            for use_cv2 in (True, False):
+                ops.USE_OPENCV = use_cv2
+                try:
+                    results.append(op(mask, rng(), radius=radius))
+                finally:
+                    ops.USE_OPENCV = True
+            np.testing.assert_array_equal(results[0], results[1], err_msg=f"{op.__name__} r={radius}")

@@ -396,3 +396,17 @@ def test_tiny_3d_fdpl_run_patches_and_sliding_window(tmp_path) -> None:
     metrics = compute_binary_metrics(pred, label)
     assert set(metrics) >= {"dice", "iou", "hd95", "asd"} and metrics["dice"].shape == (1,)
     assert float(metrics["dice"][0]) == pytest.approx(evaluator.state.metrics["val_mean_dice"], abs=1e-5)
+
+
+def test_random_stream_is_saved_and_restored_with_the_method(tmp_path) -> None:
+    student = nn.Conv2d(3, 1, 1)
+    first = FDPL(crop_size=8, seed=0)
+    first.setup(student)
+    first.unsupervised_loss(_context(student, torch.rand(2, 3, 16, 16)))  # advances the stream
+    torch.save(first.state_dict(), tmp_path / "method.pt")
+    expected = first.R.randint(0, 1_000_000, size=5)
+    resumed = FDPL(crop_size=8, seed=123)
+    resumed.setup(student)
+    resumed.load_state_dict(torch.load(tmp_path / "method.pt", weights_only=True))
+    assert resumed.R.randint(0, 1_000_000, size=5).tolist() == expected.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(resumed.peer.parameters(), first.peer.parameters()))

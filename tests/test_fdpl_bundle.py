@@ -120,6 +120,7 @@ def test_3d_overlays_parse_and_train_one_iteration(
     patch = [32, 32, 16] if net == "vnet3d" else [32, 32, 32]
     if net == "vnet3d":
         overrides["method#crop_size"] = 16
+        overrides["batch_size"] = 1  # unlabeled batch stays 2: BatchNorm sees 2 values at the 1^3 bottleneck
     overrides.update(
         {
             "patch_size": patch,
@@ -135,10 +136,11 @@ def test_3d_overlays_parse_and_train_one_iteration(
     trainer, _, _ = _run_one_iteration(parser)
     assert trainer.state.output[0]["fdpl_samples_with_dynamic_crops"] == 1.0  # in-plane shifts fit in the patch
     outputs = trainer.state.output  # decollated: one dict per labeled sample
-    assert len(outputs) == 2 and outputs[0]["image"].shape == outputs[0]["label"].shape == (1, *patch)
+    assert len(outputs) == (1 if net == "vnet3d" else 2)
+    assert outputs[0]["image"].shape == outputs[0]["label"].shape == (1, *patch)
     labels = torch.stack([o["label"] for o in outputs])
     images = torch.stack([o["image"] for o in outputs])
-    assert set(torch.unique(labels).tolist()) == {0.0, 1.0}  # pos/neg patches of binarised labels
+    assert set(torch.unique(labels).tolist()) <= {0.0, 1.0}  # binarised labels
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     if method_file == "fdpl_qw":
         assert trainer.state.quality_weights.shape == (8,)
@@ -182,3 +184,42 @@ def test_peer_from_network_config_is_a_fresh_instance(tmp_path: Path, demo_manif
     assert all(a.shape == b.shape for a, b in pairs) and any(not torch.equal(a, b) for a, b in pairs)
     optimizer_ids = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
     assert {id(p) for p in method.peer.parameters()} <= optimizer_ids  # B is trained by the bundle's optimizer
+
+
+@pytest.mark.parametrize(
+    ("files", "spatial_dims", "multiple"),
+    (
+        (("train.json", "method/fdpl_qw.json", "net/swinunetr2d.json"), 2, 32),
+        (("train.json", "method/fdpl.json", "net/vnet3d.json", "train_3d.json"), 3, 16),
+        (("train.json", "train_3d.json", "method/fdpl.json", "net/unet3d.json"), 3, 16),
+    ),
+)
+def test_overlay_order_does_not_matter(files: tuple[str, ...], spatial_dims: int, multiple: int) -> None:
+    """The experiment runner stacks ``train, method, net``; the crop multiple follows the network either way."""
+    parser = _parse(_configs(*files), {})
+    assert parser.get_parsed_content("network_def#spatial_dims") == spatial_dims
+    assert parser.get_parsed_content("method#crop_multiple") == multiple
+    assert parser.get_parsed_content("unsup_weight") == 0.1
+    assert parser["method"]["name"] == ("fdpl-qw" if "method/fdpl_qw.json" in files else "fdpl")
+
+
+def test_3d_preprocessing_binarises_labels_and_scales_images(tmp_path: Path) -> None:
+    """``train_3d.json`` chains turn BraTS-style {0, 2, 4} labels into whole-tumour {0, 1} and images into [0, 1]."""
+    import nibabel as nib
+    import numpy as np
+
+    image = np.arange(20 * 20 * 20, dtype=np.int16).reshape(20, 20, 20)
+    label = np.zeros((20, 20, 20), dtype=np.uint8)
+    label[5:9, 5:9, 5:9] = 2
+    label[9:11, 5:9, 5:9] = 4
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "flair.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "seg.nii.gz"))
+    parser = _parse(_configs("train.json", "train_3d.json", "net/unet3d.json"), {"patch_size": [16, 16, 16]})
+    entry = {"image": str(tmp_path / "flair.nii.gz"), "label": str(tmp_path / "seg.nii.gz")}
+    item = parser.get_parsed_content("validate#preprocessing")(entry)
+    assert item["label"].shape == (1, 20, 20, 20) and int(item["label"].sum()) == 6 * 4 * 4
+    assert set(torch.unique(item["label"]).tolist()) == {0.0, 1.0}
+    assert float(item["image"].min()) == 0.0 and float(item["image"].max()) == 1.0
+    patches = parser.get_parsed_content("train#preprocessing")(entry)
+    patch = patches[0] if isinstance(patches, list) else patches
+    assert patch["image"].shape == patch["label"].shape == (1, 16, 16, 16)

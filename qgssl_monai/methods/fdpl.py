@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +149,34 @@ class FDPL(SSLMethod, Randomizable):
         self.quality_weighting = quality_weighting
         self.peer_seed = int(peer_seed)
         self.set_random_state(seed)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def get_extra_state(self) -> dict[str, Any]:
+        """The crop/CutMix random stream (``self.R``), saved with the method so a resumed run continues it.
+
+        Stored as tensors and plain numbers: loadable by ``torch.load(weights_only=True)``.
+        """
+        name, keys, position, has_gauss, cached_gaussian = self.R.get_state()
+        return {
+            "rng_name": str(name),
+            "rng_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "rng_position": int(position),
+            "rng_has_gauss": int(has_gauss),
+            "rng_cached_gaussian": float(cached_gaussian),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``self.R`` from :meth:`get_extra_state`."""
+        keys = np.asarray(torch.as_tensor(state["rng_keys"]).numpy(), dtype=np.uint32)
+        self.R.set_state(
+            (
+                str(state["rng_name"]),
+                keys,
+                int(state["rng_position"]),
+                int(state["rng_has_gauss"]),
+                float(state["rng_cached_gaussian"]),
+            )
+        )
 
     # ------------------------------------------------------------------ networks
     def setup(self, student: nn.Module) -> None:

@@ -22,7 +22,7 @@ Parameter counts (2D, ``in_channels=3``, ``out_channels=1``; recomputed by
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch

@@ -7,6 +7,7 @@ always kills the whole process group on exit, so no server outlives a test or a 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -23,9 +25,48 @@ from typing import Any
 
 import torch
 
-__all__ = ["LabelServer", "free_port", "stage_app"]
+__all__ = ["LabelServer", "free_port", "request", "stage_app"]
 
 LOOPBACK = "127.0.0.1"
+
+
+def request(
+    url: str,
+    files: Mapping[str, tuple[str, bytes]] | None = None,
+    data: Mapping[str, str] | None = None,
+    method: str = "POST",
+    timeout: float = 60.0,
+) -> tuple[int, Any]:
+    """Send a multipart request (standard library only); returns ``(status, JSON or bytes)``, also for 4xx/5xx.
+
+    Args:
+        url: full URL.
+        files: ``{field: (file name, content)}`` uploads.
+        data: ``{field: value}`` form fields (e.g. ``{"params": json.dumps({...})}``).
+        method: HTTP method; without files and data the body is empty.
+    """
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in (data or {}).items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, content) in (files or {}).items():
+        body.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+        )
+        body.write(content + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    if files or data:
+        req = urllib.request.Request(url, data=body.getvalue(), method=method)
+        req.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    else:  # empty body (JSON-body endpoints such as /activelearning take an optional dict)
+        req = urllib.request.Request(url, data=b"", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            status, payload, kind = response.status, response.read(), response.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        status, payload, kind = err.code, err.read(), err.headers.get("content-type", "")
+    return status, json.loads(payload) if "json" in kind else payload
 
 
 def stage_app(

@@ -117,7 +117,7 @@ def _side(mask: np.ndarray) -> float:
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """``(row0, row1, col0, col1)`` half-open bounding box of the foreground, ``None`` when empty."""
-    if mask.flags.c_contiguous and mask.shape[1] % 8 == 0:
+    if mask.dtype.itemsize == 1 and mask.flags.c_contiguous and mask.shape[1] % 8 == 0:
         # reduce 8 pixels at a time: rows/columns of 64-bit words are ~8x fewer elements than pixels
         words = mask.view(np.uint64)
         rows = np.flatnonzero(words.any(axis=1))
@@ -198,7 +198,8 @@ def _dilate_px(mask: np.ndarray, radius: float) -> np.ndarray:
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected component labels (0 = background) and the number of components."""
     if USE_OPENCV:
-        count, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        binary = np.ascontiguousarray(mask).view(np.uint8)
+        count, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
         return labels, count - 1
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     return labels, int(count)
@@ -222,7 +223,8 @@ def _fill_polygon(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) ->
 def _fill_ellipse(
     shape: tuple[int, int], centre: tuple[float, float], semi_axes: tuple[float, float], angle: float
 ) -> np.ndarray:
-    """Boolean ellipse: centre ``(row, col)``, semi-axes ``(a, b)`` in pixels, ``a`` at ``angle`` (radians) from the row axis."""
+    """Boolean ellipse: centre ``(row, col)``, semi-axes ``(a, b)`` in pixels, ``a`` at ``angle`` (radians) from
+    the row axis."""
     out = np.zeros(shape, dtype=bool)
     a, b = max(semi_axes[0], 0.5), max(semi_axes[1], 0.5)
     if a == b:  # disk: half-width sqrt(r^2 - dr^2) per row, no rotation needed
@@ -297,7 +299,7 @@ def _resample(mask: np.ndarray, src_rows: np.ndarray, src_cols: np.ndarray) -> n
 
 @lru_cache(maxsize=256)
 def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``(n_out, n_in)`` smooth (cosine) interpolation weights from ``n_in`` control points spanning ``n_out`` pixels."""
+    """``(n_out, n_in)`` smooth (cosine) interpolation weights from ``n_in`` control points over ``n_out`` pixels."""
     pos = np.linspace(0.0, n_in - 1.0, n_out)
     lo = np.minimum(np.floor(pos).astype(np.intp), n_in - 2) if n_in > 1 else np.zeros(n_out, np.intp)
     frac = pos - lo
@@ -315,7 +317,7 @@ def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 
 def _smooth_field(rng: np.random.RandomState, shape: tuple[int, int], spacing: float, amplitude: float) -> np.ndarray:
-    """Random field uniform in ``[-amplitude, amplitude]`` at control points ``spacing`` px apart, smoothly interpolated."""
+    """Random field, uniform in ``[-amplitude, amplitude]`` at control points ``spacing`` px apart, interpolated."""
     grid_rows = max(int(np.ceil(shape[0] / max(spacing, 1.0))) + 1, 2)
     grid_cols = max(int(np.ceil(shape[1] / max(spacing, 1.0))) + 1, 2)
     coarse = rng.uniform(-amplitude, amplitude, size=(grid_rows, grid_cols))
@@ -382,16 +384,15 @@ def _random_disks(
     out = np.zeros(shape, dtype=bool)
     if len(centres) == 0:
         return out
-    centres = np.asarray(centres, dtype=np.float64)
     radii = np.maximum(radius * rng.uniform(0.5, 1.5, size=len(centres)), 0.5)
-    # all disks at once on the union of their bounding boxes: (n, h, 1) + (n, 1, w) <= r^2, any over n
-    r0 = max(int(np.floor((centres[:, 0] - radii).min())), 0)
-    r1 = min(int(np.ceil((centres[:, 0] + radii).max())) + 1, shape[0])
-    c0 = max(int(np.floor((centres[:, 1] - radii).min())), 0)
-    c1 = min(int(np.ceil((centres[:, 1] + radii).max())) + 1, shape[1])
-    dr2 = (np.arange(r0, r1)[None, :] - centres[:, :1]) ** 2
-    dc2 = (np.arange(c0, c1)[None, :] - centres[:, 1:]) ** 2
-    out[r0:r1, c0:c1] = (dr2[:, :, None] + dc2[:, None, :] <= (radii**2)[:, None, None]).any(axis=0)
+    for (row, col), rad in zip(np.asarray(centres, dtype=np.float64), radii):
+        # each disk only touches its own small window of the output
+        r0, r1 = max(int(np.ceil(row - rad)), 0), min(int(np.floor(row + rad)) + 1, shape[0])
+        c0, c1 = max(int(np.ceil(col - rad)), 0), min(int(np.floor(col + rad)) + 1, shape[1])
+        if r0 < r1 and c0 < c1:
+            dr2 = (np.arange(r0, r1) - row)[:, None] ** 2
+            dc2 = (np.arange(c0, c1) - col)[None, :] ** 2
+            out[r0:r1, c0:c1] |= dr2 + dc2 <= rad * rad
     return out
 
 
@@ -429,10 +430,18 @@ def ellipse_fit(mask: np.ndarray, rng: np.random.RandomState, scale: float = 1.0
     """Ellipse with the mask's centroid and second moments (semi-axes ``2 sqrt(eigenvalue)``), times ``scale``."""
     if not mask.any():
         return mask.copy()
-    rows, cols = _nonzero(mask)
-    centre = (float(rows.mean()), float(cols.mean()))
+    box = _bbox(mask)
+    crop = mask[box[0] : box[1], box[2] : box[3]].astype(np.float64)
+    r, c = np.arange(crop.shape[0], dtype=np.float64), np.arange(crop.shape[1], dtype=np.float64)
+    row_profile, col_profile = crop.sum(axis=1), crop.sum(axis=0)
+    area = row_profile.sum()
+    mean_r, mean_c = row_profile @ r / area, col_profile @ c / area
+    var_r = row_profile @ (r * r) / area - mean_r**2
+    var_c = col_profile @ (c * c) / area - mean_c**2
+    cov_rc = r @ crop @ c / area - mean_r * mean_c
+    centre = (box[0] + mean_r, box[2] + mean_c)
     # + 1/12: variance of a unit pixel, keeps one-pixel masks non-degenerate
-    cov = np.cov(np.stack([rows, cols]).astype(np.float64), bias=True) + np.eye(2) / 12.0
+    cov = np.array([[var_r, cov_rc], [cov_rc, var_c]]) + np.eye(2) / 12.0
     eigvals, eigvecs = np.linalg.eigh(cov)
     major = eigvecs[:, 1]
     angle = float(np.arctan2(major[1], major[0]))
@@ -488,7 +497,9 @@ def convex_hull(mask: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # boundary texture and warps
 # ----------------------------------------------------------------------------------------------
-def jagged(mask: np.ndarray, rng: np.random.RandomState, amplitude: float = 0.015, wavelength: float = 0.03) -> np.ndarray:
+def jagged(
+    mask: np.ndarray, rng: np.random.RandomState, amplitude: float = 0.015, wavelength: float = 0.03
+) -> np.ndarray:
     """Jagged boundary: warp by a fine random displacement field (control points ``wavelength * side`` apart,
     displacements up to ``amplitude * side``)."""
     side = _side(mask)
@@ -496,7 +507,7 @@ def jagged(mask: np.ndarray, rng: np.random.RandomState, amplitude: float = 0.01
 
 
 def smooth(mask: np.ndarray, rng: np.random.RandomState, sigma: float = 0.03) -> np.ndarray:
-    """Smoothed boundary: Gaussian blur with ``sigma * side`` then threshold at 0.5 (rounds corners, removes thin parts)."""
+    """Smoothed boundary: Gaussian blur with ``sigma * side``, threshold at 0.5 (rounds corners, drops thin parts)."""
     s = sigma * _side(mask)
     if s <= 0:
         return mask.copy()
@@ -534,7 +545,9 @@ def grid_distortion(mask: np.ndarray, rng: np.random.RandomState, steps: int = 5
     return mask[rows][:, cols]  # whole-row gather then column gather: cheaper than np.ix_
 
 
-def boundary_noise(mask: np.ndarray, rng: np.random.RandomState, band: float = 0.02, flip_prob: float = 0.3) -> np.ndarray:
+def boundary_noise(
+    mask: np.ndarray, rng: np.random.RandomState, band: float = 0.02, flip_prob: float = 0.3
+) -> np.ndarray:
     """Additive noise on the boundary: each pixel within ``max(band * side, 1 px)`` of the boundary (either side)
     flips with probability ``flip_prob``."""
     b = max(band * _side(mask), 1.0)  # at least the one-pixel boundary ring
@@ -711,7 +724,9 @@ def _blob_centre(mask: np.ndarray, rng: np.random.RandomState, at_centroid: bool
     return float(rng.uniform(reach, height - 1 - reach)), float(rng.uniform(reach, width - 1 - reach))
 
 
-def gaussian_blob(mask: np.ndarray, rng: np.random.RandomState, aspect: float = 1.5, at_centroid: bool = True) -> np.ndarray:
+def gaussian_blob(
+    mask: np.ndarray, rng: np.random.RandomState, aspect: float = 1.5, at_centroid: bool = True
+) -> np.ndarray:
     """Level set of a random anisotropic Gaussian: an ellipse of the mask's area, axis ratio ``aspect`` and random
     orientation, at the centroid or (``at_centroid=False``) at a random place inside the image."""
     area = np.count_nonzero(mask)

@@ -190,30 +190,40 @@ class WeakPredictionBank:
             raise FileNotFoundError(
                 f"no weak snapshots (weak_epoch_*.pt) in {snapshots}: run the bundle's configs/train_weak.json first"
             )
+        if not datalist:
+            raise ValueError("WeakPredictionBank.from_snapshots needs at least one image in the datalist")
         ids = [str(item[image_key]) for item in datalist]
         cache_path = Path(cache_dir) / cls.cache_name(ids, snapshot_paths, image_size) if cache_dir else None
         if cache_path is not None and cache_path.is_file():
             logger.info("loading cached weak predictions %s", cache_path)
             return cls.load(cache_path)
 
-        images = [torch.as_tensor(convert_to_numpy(load_transform(dict(item))[image_key])) for item in datalist]
-        spatial_shape = tuple(images[0].shape[1:])
-        packed_len = (int(np.prod(spatial_shape)) + 7) // 8
-        packed = np.zeros((len(ids), len(snapshot_paths), packed_len), dtype=np.uint8)
+        # images are loaded one batch at a time (800 RGB images at 256 px would be ~630 MB as float32);
+        # the snapshots' weights are small, so each batch runs through every snapshot in turn
+        states = [
+            {k.removeprefix("module."): v for k, v in torch.load(p, map_location=device, weights_only=True).items()}
+            for p in snapshot_paths
+        ]
         network = network.to(device).eval()
-        steps = len(snapshot_paths) * ((len(images) + batch_size - 1) // batch_size)
-        with torch.no_grad(), tqdm(total=steps, desc="weak predictions", disable=not progress) as bar:
-            for s, snap in enumerate(snapshot_paths):
-                state = torch.load(snap, map_location=device, weights_only=True)
-                network.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-                for start in range(0, len(images), batch_size):
-                    batch = torch.stack(images[start : start + batch_size]).float().to(device)
+        packed: np.ndarray | None = None
+        spatial_shape: tuple[int, ...] = ()
+        with torch.no_grad(), tqdm(total=len(ids), desc="weak predictions", disable=not progress) as bar:
+            for start in range(0, len(datalist), batch_size):
+                chunk = datalist[start : start + batch_size]
+                batch = torch.stack(
+                    [torch.as_tensor(convert_to_numpy(load_transform(dict(item))[image_key])) for item in chunk]
+                ).float().to(device)
+                if packed is None:
+                    spatial_shape = tuple(batch.shape[2:])
+                    packed = np.zeros((len(ids), len(states), (int(np.prod(spatial_shape)) + 7) // 8), dtype=np.uint8)
+                for s, state in enumerate(states):
+                    network.load_state_dict(state)
                     logits = network(batch)
                     if isinstance(logits, (list, tuple)):
                         logits = logits[0]
                     hard = (logits[:, :1] > 0).cpu().numpy().reshape(batch.shape[0], -1)
                     packed[start : start + batch.shape[0], s] = np.packbits(hard, axis=1)
-                    bar.update()
+                bar.update(len(chunk))
         bank = cls(ids, packed, spatial_shape, [p.stem for p in snapshot_paths])
         if cache_path is not None:
             bank.save(cache_path)
