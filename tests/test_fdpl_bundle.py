@@ -168,6 +168,7 @@ def test_3d_bundle_run_trains_validates_and_writes_voxel_metrics(tmp_path: Path,
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", weights_only=False)
     assert any(key.startswith("peer.") for key in checkpoint["method"])  # subnet B is saved with the method
+    assert "_extra_state" in checkpoint["method"]  # and so is the crop/CutMix random stream
     summary = json.loads((tmp_path / "eval" / "test_metrics_summary.json").read_text())
     assert set(summary) >= {"dice", "iou", "hd95", "asd"} and summary["dice"]["n"] == 1
     diagonal = (3 * 31**2) ** 0.5  # worst-case distance in a 32^3 volume, in voxels

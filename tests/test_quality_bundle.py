@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from PIL import Image
 from monai.bundle import ConfigWorkflow, run, verify_metadata, verify_net_in_out
 from monai.utils import path_to_sqlite_uri
 
@@ -188,8 +189,6 @@ def test_inference_bundle_and_quality_check_cli_agree(trained_bundle: Path, demo
     assert [float(r["quality"]) for r in cli_rows] == pytest.approx(direct, abs=1e-5)
 
     # an image of another size is resized to the training size
-    from PIL import Image
-
     Image.open(tmp_path / rows[0][0]).resize((50, 41)).save(tmp_path / "odd.png")
     Image.open(tmp_path / rows[0][1]).resize((50, 41)).save(tmp_path / "odd_mask.png")
     assert 0.0 <= checker.score_file(tmp_path / "odd.png", tmp_path / "odd_mask.png") <= 1.0
