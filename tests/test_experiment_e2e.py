@@ -3,6 +3,7 @@ idempotent rerun, resume of an interrupted SSL run with the bundle's checkpoint,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,11 @@ def test_invalid_names_are_listed_against_the_overlays(tmp_path: Path) -> None:
     assert "epochs: expected a positive integer, got 0" in message
 
 
-def test_ci_experiment_end_to_end(demo_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ci_experiment_end_to_end(
+    demo_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # anything written outside the output folder would show up here
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     out = tmp_path / "ci"
     cfg = load_experiment(CI_YAML, updates={"data": {"labeled": str(demo_manifest)}})
     assert run_experiment(cfg, out) == 0
@@ -94,3 +99,5 @@ def test_ci_experiment_end_to_end(demo_manifest: Path, tmp_path: Path, capsys: p
     assert again.info.run_id == qar.info.run_id and again.info.status == "FINISHED"
     assert (out / "ssl" / "qar" / "unet" / "seed0" / "bundle_args" / "train.json").read_text().count('"resume": true') == 1
     assert {k: tracker.step_runs(k)[0].info.end_time for k in before} == before  # finished steps untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ci"]  # no stray mlflow.db / mlruns in the cwd
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before

@@ -130,8 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra folder(s) of unlabeled images, e.g. another data set (cross-source setting)",
     )  # fmt: skip
     prepare.add_argument(
-        "--labeled-fraction", type=_fraction, default=1.0,
-        help="keep this seeded fraction of training labeled; move the rest to unlabeled (default 1)",
+        "--labeled-fraction", "--label-ratio", dest="labeled_fraction", type=_fraction, default=1.0,
+        help="keep this seeded fraction of training labeled; move the rest to unlabeled (default 1); "
+        "e.g. 0.05/0.1/0.2 for the 3D papers' label ratios",
     )  # fmt: skip
     prepare.add_argument(
         "--groups", default=None, metavar="FILE",

@@ -98,7 +98,16 @@ class BundleCall:
         if launch.launcher == "inprocess" and launch.ddp_nproc <= 1:
             from monai.bundle import run as bundle_run
 
-            bundle_run(args_file=str(args_path))
+            saved = {key: os.environ.get(key) for key in launch.env}
+            os.environ.update(launch.env)  # MONAI's MLFlowHandler prefers MLFLOW_TRACKING_URI over its argument
+            try:
+                bundle_run(args_file=str(args_path))
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
             return
         if launch.ddp_nproc > 1:
             argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.ddp_nproc}"]
@@ -267,7 +276,8 @@ class ExperimentPipeline:
         call.tracking = _tracking_settings(self.tracking_uri, self.cfg.name, run_name)
         call.overrides.update(tracking_uri=self.tracking_uri, experiment_name=self.cfg.name, run_name=run_name)
         args_path = step_dir / "bundle_args" / f"{stage}.json"
-        call.run(args_path, self.launch)
+        launch = Launch(self.launch.launcher, self.launch.ddp_nproc, {**self.launch.env, "MLFLOW_TRACKING_URI": self.tracking_uri})
+        call.run(args_path, launch)
         ctx.tracker.log_artifact(ctx.run_id, args_path, "config")
         return args_path
 

@@ -1,5 +1,5 @@
-"""The comparison report of an experiment, computed from MLflow only (``mlflow.search_runs``, metric
-histories and logged artifacts; never files of the output folder).
+"""The comparison report of an experiment, computed from MLflow only (``MlflowClient.search_runs``,
+metric histories and logged artifacts; never files of the output folder).
 
 Written to ``<output>/report/``:
 
@@ -101,46 +101,51 @@ def method_order(methods: Sequence[str]) -> list[str]:
 
 
 def _download_csv(client: Any, run_id: str, artifact: str) -> pd.DataFrame | None:
-    import mlflow
-
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact, dst_path=tmp, tracking_uri=client.tracking_uri
-            )
-            return pd.read_csv(local)
+            return pd.read_csv(client.download_artifacts(run_id, artifact, tmp))
     except Exception as err:  # missing artifact: the report shows what exists
         logger.warning("run %s has no artifact %s (%s)", run_id, artifact, err)
         return None
 
 
-def _finished_runs(tracking_uri: str, experiment_name: str, kind: str) -> pd.DataFrame:
+def _finished_runs(tracking_uri: str, experiment_name: str, kind: str) -> list[Any]:
+    """FINISHED runs of one step kind, newest first (``MlflowClient.search_runs``, all pages).
+
+    The client is used rather than ``mlflow.search_runs`` because setting the global tracking URI also sets
+    ``MLFLOW_TRACKING_URI``, which MONAI's ``MLFlowHandler`` prefers over its own ``tracking_uri``.
+    """
     import mlflow
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        frame = mlflow.search_runs(
-            experiment_names=[experiment_name],
-            filter_string=f"tags.{TAG_EXPERIMENT} = '{experiment_name}' and tags.{TAG_KIND} = '{kind}' "
-            "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            output_format="pandas",
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    query = (
+        f"tags.{TAG_EXPERIMENT} = '{experiment_name}' and tags.{TAG_KIND} = '{kind}' and attributes.status = 'FINISHED'"
+    )
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1000, page_token=token
         )
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return frame
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
-def _select_latest(frame: pd.DataFrame, step_hashes: Mapping[str, str] | None) -> pd.DataFrame:
-    """Latest FINISHED run per step key, restricted to the current plan's (key, hash) pairs when given."""
-    if frame.empty:
-        return frame
-    step_col, hash_col = f"tags.{TAG_STEP}", f"tags.{TAG_STEP_HASH}"
-    if step_hashes is not None:
-        keep = [step_hashes.get(k) == h for k, h in zip(frame[step_col], frame.get(hash_col, [None] * len(frame)))]
-        frame = frame[keep]
-    return frame.sort_values("start_time", ascending=False).drop_duplicates(step_col)
+def _select_latest(runs: Sequence[Any], step_hashes: Mapping[str, str] | None) -> list[Any]:
+    """Latest FINISHED run per step key (``runs`` newest first), only the current plan's (key, hash) pairs when given."""
+    chosen: dict[str, Any] = {}
+    for run in runs:
+        tags = run.data.tags
+        key = tags.get(TAG_STEP)
+        if step_hashes is not None and step_hashes.get(key) != tags.get(TAG_STEP_HASH):
+            continue
+        chosen.setdefault(key, run)
+    return list(chosen.values())
 
 
 def load_results(
@@ -156,20 +161,15 @@ def load_results(
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    frame = _select_latest(_finished_runs(tracking_uri, experiment_name, "ssl"), step_hashes)
     results = []
-    for _, row in frame.iterrows():
-        test = {
-            col[len("metrics.test_") :]: float(row[col])
-            for col in frame.columns
-            if col.startswith("metrics.test_") and pd.notna(row[col])
-        }
+    for run in _select_latest(_finished_runs(tracking_uri, experiment_name, "ssl"), step_hashes):
+        tags, metrics = run.data.tags, run.data.metrics
         result = RunResult(
-            method=row["tags.qgssl_method"],
-            network=row["tags.qgssl_network"],
-            seed=int(row["tags.qgssl_seed"]),
-            run_id=row["run_id"],
-            test=test,
+            method=tags["qgssl_method"],
+            network=tags["qgssl_network"],
+            seed=int(tags["qgssl_seed"]),
+            run_id=run.info.run_id,
+            test={k[len("test_") :]: float(v) for k, v in metrics.items() if k.startswith("test_") and math.isfinite(v)},
         )
         if with_details:
             result.per_image = _download_csv(client, result.run_id, PER_IMAGE_ARTIFACT)
@@ -187,11 +187,11 @@ def load_quality_predictions(
     """The quality evaluation run's ``true_dice``/``predicted`` table, or None."""
     import mlflow
 
-    frame = _select_latest(_finished_runs(tracking_uri, experiment_name, "quality_eval"), step_hashes)
-    if frame.empty:
+    runs = _select_latest(_finished_runs(tracking_uri, experiment_name, "quality_eval"), step_hashes)
+    if not runs:
         return None
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    return _download_csv(client, frame.iloc[0]["run_id"], QUALITY_ARTIFACT)
+    return _download_csv(client, runs[0].info.run_id, QUALITY_ARTIFACT)
 
 
 def summary_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
