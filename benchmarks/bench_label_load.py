@@ -15,7 +15,6 @@ the end. Every request uploads one image + mask pair (``--image-px`` square demo
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
@@ -26,16 +25,16 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from qgssl_monai.data.demo import generate_demo_dataset
 from qgssl_monai.data.manifest import load_split
 from qgssl_monai.networks.quality import QualityPredictor
+from qgssl_monai.serving.label_logic import LOOPBACK_HOSTS
 from qgssl_monai.serving.label_server import LabelServer, request, stage_app
 
 REPO = Path(__file__).resolve().parents[1]
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
 
 
 def _pair(folder: Path, image_px: int) -> tuple[bytes, bytes]:

@@ -27,11 +27,17 @@ fi
 torch_before=$("$PY" -c "import torch; print(torch.__version__)")
 
 "$PY" -m pip install --no-deps "monailabel==0.8.5"
-"$PY" -m pip install \
-  "numpy<2" "pandas<3" "pydicom<3" "dicomweb-client==0.59.1" "pynetdicom<3" pydicom-seg \
-  uvicorn pydantic pydantic-settings python-dotenv fastapi python-multipart httpx schedule \
-  expiringdict expiring_dict cachetools watchdog pynrrd numpymaxflow girder-client ninja passlib \
-  pyjwt bcrypt shapely requests requests-toolbelt urllib3 scikit-learn scipy google-auth psutil
+# the requirement list lives in setup.cfg's [label] extra (one place)
+mapfile -t LABEL_REQUIREMENTS < <("$PY" -c '
+import configparser
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+for line in cfg["options.extras_require"]["label"].splitlines():
+    line = line.split("#", 1)[0].strip()
+    if line:
+        print(line)
+')
+"$PY" -m pip install "${LABEL_REQUIREMENTS[@]}"
 # timeloop has no wheel; its sdist needs setuptools at build time
 "$PY" -m pip install wheel setuptools
 "$PY" -m pip install --no-build-isolation timeloop

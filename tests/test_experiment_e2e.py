@@ -101,3 +101,27 @@ def test_ci_experiment_end_to_end(
     assert {k: tracker.step_runs(k)[0].info.end_time for k in before} == before  # finished steps untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ci"]  # no stray mlflow.db / mlruns in the cwd
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
+
+
+def test_prepare_manifest_holds_out_labels_and_adds_another_unlabeled_set(demo_manifest: Path, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from qgssl_monai.data.manifest import load_split, write_manifest
+    from qgssl_monai.experiments.pipeline import prepare_manifest
+
+    demo = json.loads(demo_manifest.read_text())
+    mask = str(demo_manifest.parent / demo["training"][0]["label"])
+    pool = [{"image": str(demo_manifest.parent / e["image"]), "label": mask} for e in demo["unlabeled"][:10]]
+    other = write_manifest(tmp_path / "other" / "other.json", {"training": pool}, data_root=demo_manifest.parent, name="other")
+    cfg = load_experiment(CI_YAML, updates={"data": {"labeled": str(demo_manifest), "unlabeled": str(other), "num_labeled": 5}})
+    facts = prepare_manifest(cfg, tmp_path / "combined.json")
+    assert facts == {"dataset": "demo", "unlabeled_dataset": "other", "label_count": 5, "unlabeled_count": 33,
+                     "validation_count": 4, "test_count": 8}  # fmt: skip
+    training = load_split(tmp_path / "combined.json", "training")
+    original = load_split(demo_manifest, "training")
+    kept = sorted(np.random.default_rng(0).permutation(len(original))[:5].tolist())
+    assert [e["image"] for e in training] == [original[i]["image"] for i in kept]
+    unlabeled = {e["image"] for e in load_split(tmp_path / "combined.json", "unlabeled")}
+    assert unlabeled == {e["image"] for i, e in enumerate(original) if i not in kept} | {e["image"] for e in pool}

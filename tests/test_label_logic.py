@@ -20,6 +20,7 @@ from qgssl_monai.serving.label_logic import (
     bundle_version,
     check_image_id,
     checkpoint_sha256,
+    exposed_bind_host,
     find_bundle,
     rank_by_quality,
     read_binary_mask,
@@ -80,6 +81,21 @@ def test_resolve_inside_refuses_escapes(tmp_path: Path) -> None:
     for bad in ("../outside.png", "sub/../../outside.png", str(tmp_path / "outside.png"), "link.png"):
         with pytest.raises(LabelRequestError, match="leaves the allowed folder"):
             resolve_inside(tmp_path / "root", bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "exposed"),
+    [
+        (["monailabel.main", "start_server", "--app", "a", "--studies", "s"], "0.0.0.0"),
+        (["monailabel.main", "start_server", "--host", "127.0.0.1", "--port", "8000"], None),
+        (["monailabel.main", "start_server", "-i", "localhost"], None),
+        (["monailabel.main", "start_server", "--host=192.168.1.5"], "192.168.1.5"),
+        (["monailabel.main", "start_server", "--host", "0.0.0.0"], "0.0.0.0"),
+        (["monailabel/interfaces/utils/app.py", "-m", "scoring", "-r", "{}"], None),
+    ],
+)
+def test_exposed_bind_host(argv: list[str], exposed: str | None) -> None:
+    assert exposed_bind_host(argv) == exposed
 
 
 def test_label_request_error_is_for_client_errors_only() -> None:
@@ -236,3 +252,16 @@ def test_stage_app_and_server_command(tmp_path: Path) -> None:
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and int(cmd[cmd.index("--port") + 1]) == server.port
     assert cmd[cmd.index("--conf") + 1 : cmd.index("--conf") + 3] == ["models", "quality_predictor"]
     assert server.url == f"http://127.0.0.1:{server.port}"
+
+
+@pytest.mark.realdata
+def test_real_masks_pass_the_request_checks(real_data_root: Path) -> None:
+    """Kvasir-SEG and CVC-ClinicDB masks are accepted as binary, non-empty and of their image's size."""
+    for dataset in ("kvasir-seg", "cvc-clinicdb"):
+        masks = sorted((real_data_root / dataset / "masks").glob("*.png"))[:10]
+        assert len(masks) == 10
+        for mask_path in masks:
+            image_path = next((real_data_root / dataset / "images").glob(mask_path.stem + ".*"))
+            image = read_image(image_path)
+            mask = read_binary_mask(mask_path, image.shape[1:])
+            assert mask.shape == (1, *image.shape[1:]) and 0.0 < float(mask.mean()) < 1.0

@@ -8,6 +8,9 @@ Start (see README.md)::
 Bundles are read offline: ``<app>/model/<name>`` first, then the repository's ``bundles/<name>`` (or
 ``--conf bundles_dir DIR``); each needs ``configs/`` and a trained ``models/model.pt``. Nothing is downloaded.
 
+Without ``--host 127.0.0.1`` the stock CLI binds to 0.0.0.0; the app then refuses to start unless
+``MONAI_LABEL_AUTH_ENABLE=true`` or ``--conf allow_remote true``.
+
 ``--conf`` keys: ``models`` (``quality_predictor`` and optionally ``ssl_segmentation``), ``bundles_dir``,
 ``device`` (``cpu``), ``quality_image_size`` / ``quality_backbone`` (override the quality bundle's
 ``configs/inference.json``), ``seg_net`` (net overlay, e.g. ``unet``), ``seg_network_size`` /
@@ -20,6 +23,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from qgssl_monai.serving.label_logic import LabelRequestError, QualityService, check_image_id, find_bundle, resolve_inside
+from qgssl_monai.serving.label_logic import (
+    LabelRequestError,
+    QualityService,
+    check_image_id,
+    exposed_bind_host,
+    find_bundle,
+    resolve_inside,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,12 @@ class QualityCheckerApp(MONAILabelApp):
     ``quality_ranking`` scoring; validated requests (4xx with a clear ``detail``, never a 500)."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        exposed = exposed_bind_host(sys.argv)
+        if exposed and not settings.MONAI_LABEL_AUTH_ENABLE and conf.get("allow_remote", "false").lower() != "true":
+            raise RuntimeError(
+                f"refusing to serve on {exposed} without authentication: start with --host 127.0.0.1, or enable "
+                "MONAI_LABEL_AUTH_ENABLE (see README.md), or pass --conf allow_remote true behind your own proxy auth"
+            )
         # uploads go to a private folder, so an absolute path in a request can be told apart from an upload
         self.upload_dir = tempfile.mkdtemp(prefix="qgssl_label_uploads_")
         tempfile.tempdir = self.upload_dir

@@ -29,7 +29,10 @@ def _run(args: argparse.Namespace) -> int:
     from qgssl_monai.experiments.pipeline import run_experiment
 
     cfg = _load(args.experiment)
-    return run_experiment(cfg, args.output, args.tracking_uri, args.only, args.dry_run, report=not args.no_report)
+    try:
+        return run_experiment(cfg, args.output, args.tracking_uri, args.only, args.dry_run, report=not args.no_report)
+    except ValueError as err:  # e.g. an --only pattern matching no step (the message lists the steps)
+        raise SystemExit(f"error: {args.experiment}: {err}") from None
 
 
 def _report(args: argparse.Namespace) -> int:

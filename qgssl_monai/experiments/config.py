@@ -90,9 +90,9 @@ class DataSpec:
     """Where the images come from.
 
     ``labeled``: manifest whose ``training``/``validation``/``test`` lists are used;
-    ``unlabeled``: manifest whose ``unlabeled`` list (or, if it has none, ``training`` images without
-    their labels) is the unlabeled pool; ``num_labeled``: keep only this many labeled training cases
-    (seeded by ``split_seed``), ``None`` = all.
+    ``unlabeled``: manifest whose ``unlabeled`` list is the unlabeled pool (a different manifest without
+    one contributes the images of all its splits, labels dropped); ``num_labeled``: keep only this many
+    labeled training cases (seeded by ``split_seed``; the rest join the unlabeled pool), ``None`` = all.
     """
 
     labeled: str

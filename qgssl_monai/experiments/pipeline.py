@@ -145,8 +145,9 @@ def prepare_manifest(cfg: ExperimentConfig, out_file: Path) -> dict[str, Any]:
 
     ``training``/``validation``/``test`` come from ``data.labeled``; with ``data.num_labeled`` only that many
     training cases (a ``split_seed`` permutation) stay labeled and the rest join the unlabeled pool. The
-    pool is ``data.unlabeled``'s ``unlabeled`` list, or its ``training`` images when it has none and is a
-    different manifest. Paths are written relative to the common folder of all images.
+    pool is ``data.unlabeled``'s ``unlabeled`` list, or, when it has none and is a different manifest (e.g.
+    Kvasir-SEG as the unlabeled set of a CVC-ClinicDB experiment), the images of all its splits.
+    Paths are written relative to the common folder of all images.
 
     Returns:
         header facts logged as params: ``dataset``, ``label_count``, ``unlabeled_count``, ...
@@ -164,7 +165,11 @@ def prepare_manifest(cfg: ExperimentConfig, out_file: Path) -> dict[str, Any]:
             raise ManifestError(f"experiment {cfg.name}: labeled manifest {data.labeled} has an empty '{split}' split")
     unlabeled = load_split(data.unlabeled, "unlabeled", data.unlabeled_root)
     if not unlabeled and Path(data.unlabeled).resolve() != Path(data.labeled).resolve():
-        unlabeled = [{"image": e["image"]} for e in load_split(data.unlabeled, "training", data.unlabeled_root)]
+        unlabeled = [
+            {"image": e["image"]}
+            for split in ("training", "validation", "test")
+            for e in load_split(data.unlabeled, split, data.unlabeled_root)
+        ]
     training = splits["training"]
     if data.num_labeled is not None:
         if data.num_labeled > len(training):

@@ -21,10 +21,9 @@ import fnmatch
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,8 +319,3 @@ def run_subprocess_pool(
     with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
         list(pool.map(lambda item: work(*item), commands.items()))
     return results
-
-
-def python_module_argv(module: str, args: Iterable[str]) -> list[str]:
-    """``[sys.executable, "-m", module, *args]``."""
-    return [sys.executable, "-m", module, *args]

@@ -20,7 +20,7 @@ MLflow >= 3.13 refuses the plain file store and MONAI rejects ``file://`` URIs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,6 @@ __all__ = [
     "UNFINISHED",
     "default_tracking_uri",
     "StepTracker",
-    "ssl_iteration_metrics",
-    "epoch_means",
 ]
 
 TAG_EXPERIMENT = "qgssl_experiment"
@@ -159,43 +157,3 @@ class StepTracker:
 
     def artifact_names(self, run_id: str, path: str | None = None) -> list[str]:
         return [f.path for f in self.client.list_artifacts(run_id, path)]
-
-
-def ssl_iteration_metrics(output: Any) -> dict[str, float]:
-    """MLflow iteration log of the SSL trainer: ``loss``, ``sup_loss``, ``unsup_loss``, ``unsup_weight``,
-    ``quality_weight_mean`` from ``engine.state.output`` (a dict, or a decollated list whose first item
-    carries the replicated scalars). Used as the trainer ``MLFlowHandler.output_transform``.
-    """
-    item = output[0] if isinstance(output, (list, tuple)) and output else output
-    result: dict[str, float] = {}
-    if isinstance(item, Mapping):
-        for key in ("loss", "sup_loss", "unsup_loss", "unsup_weight", "quality_weight_mean"):
-            value = item.get(key)
-            if value is None:
-                continue
-            try:
-                result[f"train_{key}" if key != "loss" else "train_loss"] = float(value)
-            except (TypeError, ValueError):
-                continue
-    return result
-
-
-def epoch_means(history: Iterable[tuple[int, float]], epochs: int) -> list[tuple[int, float]]:
-    """Per-epoch means of an iteration-level metric history.
-
-    Args:
-        history: ``(iteration, value)`` pairs with iterations ``1..epochs * epoch_length``.
-        epochs: number of completed epochs; ``epoch_length = max iteration // epochs``.
-
-    Returns:
-        ``[(epoch, mean value), ...]`` for the epochs that have values, epochs counted from 1.
-    """
-    items = sorted(history)
-    if not items or epochs < 1:
-        return []
-    epoch_length = max(1, items[-1][0] // epochs)
-    sums: dict[int, list[float]] = {}
-    for iteration, value in items:
-        epoch = (iteration - 1) // epoch_length + 1
-        sums.setdefault(epoch, []).append(value)
-    return [(e, sum(v) / len(v)) for e, v in sorted(sums.items())]

@@ -58,6 +58,7 @@ __all__ = [
     "bundle_version",
     "check_image_id",
     "checkpoint_sha256",
+    "exposed_bind_host",
     "find_bundle",
     "rank_by_quality",
     "read_binary_mask",
@@ -189,6 +190,28 @@ def read_binary_mask(
     if not foreground.any() and not allow_empty:
         raise LabelRequestError(422, "mask is empty (no foreground pixel); the predicted Dice of an empty mask is undefined")
     return torch.from_numpy(foreground[None].astype(np.float32))
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def exposed_bind_host(argv: Sequence[str]) -> str | None:
+    """The non-loopback address a ``monailabel start_server`` command line binds to, else ``None``.
+
+    MONAI Label's CLI binds to ``0.0.0.0`` when ``--host``/``-i`` is not given; the app refuses such a start
+    unless authentication is enabled (see ``apps/quality_checker/main.py``). Command lines other than
+    ``start_server`` (e.g. MONAI Label's background scoring processes) return ``None``.
+    """
+    argv = list(argv)
+    if "start_server" not in argv:
+        return None
+    host = "0.0.0.0"  # the CLI default
+    for i, arg in enumerate(argv):
+        if arg in ("--host", "-i") and i + 1 < len(argv):
+            host = argv[i + 1]
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    return None if host in LOOPBACK_HOSTS else host
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

@@ -117,7 +117,11 @@ class QualityChecker:
 
         Args:
             image: ``(C, H, W)`` float in ``[0, 1]`` with C = ``image_channels``.
-            mask: ``(H, W)`` or ``(1, H, W)`` binary or soft mask in ``[0, 1]`` (same H, W as the image).
+            mask: ``(H, W)`` or ``(1, H, W)`` mask in ``[0, 1]`` (same H, W as the image).
+
+        Resizing follows the training chain (:func:`~qgssl_monai.transforms.io.get_seg_transforms`): bilinear
+        anti-aliased for the image, area + ``>= 0.5`` for the mask, so a soft mask is scored as its hard version
+        (g was trained on hard masks).
         """
         image_t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).float()
         mask_t = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).float()
@@ -128,7 +132,7 @@ class QualityChecker:
         if image_t.shape[1:] != mask_t.shape[1:]:
             raise ValueError(f"image {tuple(image_t.shape[1:])} and mask {tuple(mask_t.shape[1:])} sizes differ")
         image_t = torch.as_tensor(self._resize_image(image_t)).float()
-        mask_t = torch.as_tensor(self._resize_mask(mask_t)).float()
+        mask_t = (torch.as_tensor(self._resize_mask(mask_t)) >= 0.5).float()
         return float(self.network.score(image_t[None].to(self.device), mask_t[None].to(self.device))[0])
 
     @torch.no_grad()
