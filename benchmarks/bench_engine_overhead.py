@@ -107,7 +107,8 @@ def plain_runner(method_name: str, labeled: list, unlabeled: list, amp: str | No
             optimizer.step()
             if method_name == "pl-qw":
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - EMA_DECAY)
+                    student_params = [p.detach() for p in student.parameters()]
+                    torch._foreach_lerp_(list(teacher.parameters()), student_params, 1 - EMA_DECAY)
             float(loss.detach())  # the engine syncs once per iteration for its logged scalars too
 
     return run
@@ -149,12 +150,15 @@ def main() -> None:
         rows.append(row)
     progress.close()
 
-    print(f"\nimage {args.image_size}px, batch {args.batch}+{args.batch}, {args.iterations} steps x {args.repeats} repeats "
-          f"(median), torch threads {torch.get_num_threads()}; img/s per wall-clock second and per CPU second")
-    header = f"{'method':<7}{'prec':<6}{'wall engine':>12}{'wall plain':>11}{'ratio':>7}{'cpu engine':>12}{'cpu plain':>10}{'ratio':>7}"
-    print(header + "  >=95% (cpu)")
-    for method_name, precision, we, wp, wr, ce, cp, cr in rows:
-        print(f"{method_name:<7}{precision:<6}{we:>12.1f}{wp:>11.1f}{wr:>7.3f}{ce:>12.1f}{cp:>10.1f}{cr:>7.3f}  {'yes' if cr >= 0.95 else 'NO'}")
+    print(
+        f"\nimage {args.image_size}px, batch {args.batch}+{args.batch}, {args.iterations} steps x {args.repeats} "
+        f"repeats (median), torch threads {torch.get_num_threads()}; img/s per wall-clock second and per CPU second"
+    )
+    columns = ("wall engine", "wall plain", "ratio", "cpu engine", "cpu plain", "ratio")
+    print(f"{'method':<7}{'prec':<6}" + "".join(f"{c:>12}" for c in columns) + "  >=95% (cpu)")
+    for method_name, precision, *values in rows:
+        cells = "".join(f"{v:>12.3f}" if i in (2, 5) else f"{v:>12.1f}" for i, v in enumerate(values))
+        print(f"{method_name:<7}{precision:<6}{cells}  {'yes' if values[5] >= 0.95 else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from qgssl_monai.networks.segmentation import (
     FinalOutput,
     build_segmentation_network,
     count_parameters,
+    penultimate_feature_layer,
     required_divisor,
 )
 
@@ -87,3 +88,17 @@ def test_bad_arguments_raise_clear_errors() -> None:
         build_segmentation_network("swinunetr", feature_size=16)
     with pytest.raises(ValueError, match="img_size"):
         build_segmentation_network("swinunetr", img_size=(64, 64))
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_NETWORKS)
+def test_penultimate_feature_layer_captures_last_decoder_features(name: str) -> None:
+    net = build_segmentation_network(name, size="small").eval()
+    layer, channels = penultimate_feature_layer(net)
+    captured: list[torch.Tensor] = []
+    handle = dict(net.named_modules())[layer].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        net(torch.rand(2, 3, 64, 64))
+    handle.remove()
+    side = 32 if name == "unet" else 64  # MONAI's UNet downsamples in its first block
+    assert len(captured) == 1 and captured[0].shape == (2, channels, side, side)
+    assert penultimate_feature_layer(torch.nn.Conv2d(3, 1, 1)) is None

@@ -21,11 +21,18 @@ from PIL import Image
 from qgssl_monai.data.manifest import load_split
 from qgssl_monai.metrics import compute_binary_metrics
 from qgssl_monai.networks.quality import load_frozen_quality_predictor
-from qgssl_monai.networks.segmentation import FinalOutput, build_segmentation_network
+from qgssl_monai.networks.segmentation import FinalOutput, build_segmentation_network, penultimate_feature_layer
 from qgssl_monai.segmentation.evaluation import PerImageMetricsWriter
 from qgssl_monai.segmentation.training import latest_checkpoint
 from qgssl_monai.transforms.io import get_seg_transforms
-from ssl_bundle_utils import CONFIGS, METHOD_OVERLAYS, NET_OVERLAYS, config_files, make_workflow, write_quality_checkpoint
+from ssl_bundle_utils import (
+    CONFIGS,
+    METHOD_OVERLAYS,
+    NET_OVERLAYS,
+    config_files,
+    make_workflow,
+    write_quality_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +80,15 @@ def test_method_overlay_trains_one_epoch(method: str, demo_manifest: Path, quali
         assert metrics["train_quality_weight_mean"] == 1.0
     if method == "sup":
         assert metrics["train_unsup_loss"] == 0.0
+    if method.startswith("cl"):  # contrastive features: the UNet's last decoder block input (2 * 8 channels)
+        assert (trainer.method.feature_layer, trainer.method.projection_head[0].in_channels) == ("model.2", 16 + 3)
     # best model = plain state_dict of the student; resumable checkpoint holds every piece of state
     best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert set(best) == set(student.state_dict())
     checkpoint = torch.load(latest_checkpoint(tmp_path / "models"), weights_only=True)
-    assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "method", "trainer", "random_state"}
+    assert set(checkpoint) == {
+        "network", "optimizer", "lr_scheduler", "method", "trainer", "random_state", "validation_state",
+    }  # fmt: skip
     assert checkpoint["trainer"]["iteration"] == 2 and checkpoint["trainer"]["epoch_length"] == 2
     summary = json.loads((tmp_path / "eval" / "test_metrics_summary.json").read_text())
     assert summary["dice"]["n"] == len(load_split(demo_manifest, "test"))
@@ -87,8 +98,11 @@ def test_method_overlay_trains_one_epoch(method: str, demo_manifest: Path, quali
     "net, expected",
     [("unet", UNet), ("swinunetr2d", SwinUNETR), ("unetpp", FinalOutput), ("attention_unet", AttentionUnet)],
 )
-def test_network_overlay_stacks_and_runs_one_iteration(net: str, expected: type, demo_manifest: Path, tmp_path: Path) -> None:
-    workflow = make_workflow(config_files("method/sup", f"net/{net}"), demo_manifest, tmp_path, epoch_length=1)
+def test_network_overlay_stacks_and_runs_one_iteration(
+    net: str, expected: type, demo_manifest: Path, tmp_path: Path
+) -> None:
+    # CL needs the network's decoder features: the overlay stack must wire them for every network
+    workflow = make_workflow(config_files("method/cl", f"net/{net}"), demo_manifest, tmp_path, epoch_length=1)
     workflow.initialize()
     student = workflow.parser.get_parsed_content("student")
     before = {k: v.clone() for k, v in student.state_dict().items()}
@@ -96,6 +110,7 @@ def test_network_overlay_stacks_and_runs_one_iteration(net: str, expected: type,
     trainer = workflow.parser.get_parsed_content("train#trainer")
     workflow.finalize()
     assert isinstance(student, expected)
+    assert trainer.method.feature_layer == penultimate_feature_layer(student)[0]
     assert trainer.state.iteration == 1
     assert trainer.state.output[0]["pred"].shape == (1, 64, 64)
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items() if v.is_floating_point())
@@ -168,7 +183,8 @@ def test_evaluate_json_matches_compute_binary_metrics(demo_manifest: Path, tmp_p
     data = [chain(item) for item in items]
     with torch.no_grad():
         logits = network(torch.stack([d["image"].as_tensor() for d in data]))
-    expected = compute_binary_metrics((torch.sigmoid(logits) > 0.5).float(), torch.stack([d["label"].as_tensor() for d in data]))
+    labels = torch.stack([d["label"].as_tensor() for d in data])
+    expected = compute_binary_metrics((torch.sigmoid(logits) > 0.5).float(), labels)
     rows = list(csv.DictReader(open(tmp_path / "eval" / "test_metrics_per_image.csv")))
     assert [r["image"] for r in rows] == [item["image"] for item in items]
     for name in ("dice", "iou", "hd95", "asd"):
@@ -223,7 +239,9 @@ def test_inference_without_quality_checkpoint_leaves_quality_empty(demo_manifest
     inputs = tmp_path / "input"
     inputs.mkdir()
     Image.fromarray(np.full((33, 47, 3), 128, dtype=np.uint8)).save(inputs / "grey.png")
-    workflow = make_workflow(config_files("inference"), demo_manifest, tmp_path, workflow_type="infer", input_dir=str(inputs))
+    workflow = make_workflow(
+        config_files("inference"), demo_manifest, tmp_path, workflow_type="infer", input_dir=str(inputs)
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -250,7 +268,8 @@ def test_mlflow_tracking_records_params_and_metrics(demo_manifest: Path, quality
     params = run.data.params
     assert params["method"] == "pl-qw" and params["network"] == "unet" and params["seed"] == "7"
     assert params["dataset"] == "demo" and params["image_size"] == "64" and params["unsup_weight"] == "0.25"
-    for name in ("train_sup_loss", "train_unsup_loss", "train_unsup_weight", "train_quality_weight_mean", "val_mean_dice"):
+    per_epoch = ("train_sup_loss", "train_unsup_loss", "train_unsup_weight", "train_quality_weight_mean", "val_mean_dice")
+    for name in per_epoch:
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [1, 2], name
     assert 0.0 <= run.data.metrics["test_dice"] <= 1.0 and "test_hd95_se" in run.data.metrics
@@ -273,3 +292,29 @@ def test_verify_net_in_out(net: str) -> None:
         device="cpu",
         network_size="small",
     )
+
+
+@pytest.mark.realdata
+def test_inference_on_real_frames_keeps_their_original_size(
+    real_data_root: Path, demo_manifest: Path, tmp_path: Path
+) -> None:
+    kvasir = sorted((real_data_root / "kvasir-seg" / "images").glob("*.jpg"))[:1]
+    frames = [real_data_root / "cvc-clinicdb" / "images" / "1.png", *kvasir]
+    frames = [f for f in frames if f.is_file()]
+    if len(frames) < 2:
+        pytest.skip(f"expected CVC-ClinicDB frame 1 and a Kvasir-SEG image under {real_data_root}")
+    _save_small_unet(tmp_path / "models" / "model.pt")
+    workflow = make_workflow(
+        config_files("inference"), demo_manifest, tmp_path, workflow_type="infer", input_dir=[str(f) for f in frames]
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    records = json.loads((tmp_path / "eval" / "predictions" / "predictions.json").read_text())
+    assert [r["image"] for r in records] == [str(f) for f in frames]
+    for frame, record in zip(frames, records):
+        with Image.open(frame) as original:
+            width, height = original.size
+        mask = np.asarray(Image.open(record["mask"]))
+        assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+    assert (records[0]["height"], records[0]["width"]) == (288, 384)  # CVC-ClinicDB frames are 384 x 288

@@ -58,6 +58,9 @@ def test_resume_restores_identical_state(demo_manifest: Path, tmp_path: Path) ->
     assert resumed["trainer"]["iteration"] == 6 and resumed["trainer"]["epoch_length"] == 3
     assert any(key.startswith("teacher.") for key in resumed["method"])  # the EMA teacher is checkpointed
     assert resumed["optimizer"]["state"], "optimizer moments missing"
+    validation = resumed["validation_state"]  # early stopping + best-model bookkeeping survive the restart
+    assert set(validation) == {"early_stop", "best_saver", "best_metric", "best_metric_epoch"}
+    assert validation["best_metric_epoch"] in (1, 2) and len(validation["best_saver"]) == 1
     # weights, optimizer moments, LR scheduler, EMA teacher, trainer counters and RNG states all identical
     _assert_same(expected, resumed)
 
@@ -68,3 +71,35 @@ def test_resume_without_checkpoint_fails_clearly(demo_manifest: Path, tmp_path: 
         workflow.initialize()
     cause = info.value.__cause__
     assert isinstance(cause, FileNotFoundError) and "no checkpoint_epoch=<N>.pt in" in str(cause)
+
+
+def test_validation_progress_state_round_trip(tmp_path: Path) -> None:
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointSaver, EarlyStopHandler
+
+    from qgssl_monai.segmentation.training import ValidationProgressState
+
+    def build() -> ValidationProgressState:
+        trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+        evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1
+        early_stop = EarlyStopHandler(patience=30, score_function=lambda e: 0.0, trainer=trainer)
+        saver = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
+                                key_metric_filename="model.pt")  # fmt: skip
+        return ValidationProgressState(early_stop, saver, evaluator)
+
+    source = build()
+    source.early_stop._handler.counter, source.early_stop._handler.best_score = 4, 0.625
+    source.best_saver._key_metric_checkpoint.load_state_dict({"_saved": [(0.625, "model.pt")]})
+    source.evaluator.state.best_metric, source.evaluator.state.best_metric_epoch = 0.625, 3
+    state = source.state_dict()
+    assert state == {
+        "early_stop": {"counter": 4, "best_score": 0.625},
+        "best_saver": [(0.625, "model.pt")],
+        "best_metric": 0.625,
+        "best_metric_epoch": 3,
+    }
+    target = build()
+    target.load_state_dict(state)
+    assert (target.early_stop._handler.counter, target.early_stop._handler.best_score) == (4, 0.625)
+    assert [(i.priority, i.filename) for i in target.best_saver._key_metric_checkpoint._saved] == [(0.625, "model.pt")]
+    assert (target.evaluator.state.best_metric, target.evaluator.state.best_metric_epoch) == (0.625, 3)

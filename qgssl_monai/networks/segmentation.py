@@ -36,6 +36,7 @@ __all__ = [
     "NETWORK_SIZES",
     "build_segmentation_network",
     "count_parameters",
+    "penultimate_feature_layer",
     "required_divisor",
 ]
 
@@ -186,3 +187,28 @@ def build_segmentation_network(
     if int(kwargs["feature_size"]) % 12 != 0:
         raise ValueError(f"SwinUNETR feature_size must be a multiple of 12, got {kwargs['feature_size']}")
     return SwinUNETR(**common, **kwargs)
+
+
+def penultimate_feature_layer(network: nn.Module) -> tuple[str, int] | None:
+    """Where the decoder's last feature map of a factory-built 2D/3D network can be captured.
+
+    Returns ``(dotted submodule name, channels)``: the *input* of that submodule is the last decoder
+    feature map ``(B, channels, *S')`` before the logit projection (``S' = S``, or ``S / 2`` for UNet) (what
+    :class:`qgssl_monai.methods.ContrastivePseudoLabel` takes as ``feature_layer``/``feature_channels``);
+    ``None`` for networks this function does not know.
+
+    * UNet: input of the top-level up block ``model.2`` = skip + upsampled features (``2 * channels[0]``, half
+      resolution: MONAI's UNet downsamples in its first block);
+    * AttentionUnet: input of the final 1x1 convolution ``model.2`` (``channels[0]``);
+    * UNet++ (``FinalOutput``): input of ``network.final_conv_0_4`` (``features[5]``);
+    * SwinUNETR: input of the output block ``out`` (``feature_size``).
+    """
+    if isinstance(network, FinalOutput) and isinstance(network.network, BasicUNetPlusPlus):
+        return "network.final_conv_0_4", int(network.network.final_conv_0_4.in_channels)
+    if isinstance(network, SwinUNETR):
+        return "out", int(network.out.conv.conv.in_channels)
+    if isinstance(network, AttentionUnet):
+        return "model.2", int(network.model[2].conv.in_channels)
+    if isinstance(network, UNet):
+        return "model.2", 2 * int(network.channels[0])
+    return None

@@ -9,6 +9,9 @@
   ``p`` of a loader is the permutation seeded by ``seed + p``, and a resumed trainer restarts the loaders at
   the batch the interrupted run would have drawn next (ignite does not restart loaders at epoch boundaries
   when ``epoch_length`` differs from the loader length, so a fresh loader would otherwise change the data order).
+* :class:`ValidationProgressState` checkpoints what validation has learnt so far (early-stopping counter,
+  best validation score of the best-model saver and of the evaluator), so a resumed run stops and keeps
+  ``model.pt`` exactly as an uninterrupted one would.
 * :class:`RunOnCompleted` runs the test evaluator (with the best weights) when training completes; it is
   listed before the MLflow handler, so the test metrics land in the training run before it is closed.
 """
@@ -34,6 +37,7 @@ __all__ = [
     "RestoreDataPosition",
     "ResumableRandomSampler",
     "RunOnCompleted",
+    "ValidationProgressState",
     "latest_checkpoint",
     "load_weights_if_exists",
 ]
@@ -79,7 +83,8 @@ def _to_tensor_tree(value: Any) -> Any:
 
 def _numpy_state(state: tuple) -> tuple:
     name, keys, pos, has_gauss, cached = state
-    return (str(name), np.asarray(torch.as_tensor(keys).numpy(), dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    keys_array = np.asarray(torch.as_tensor(keys).numpy(), dtype=np.uint32)
+    return (str(name), keys_array, int(pos), int(has_gauss), float(cached))
 
 
 def _randomizables(transforms: Iterable[Any]) -> list[Randomizable]:
@@ -244,3 +249,52 @@ class RestoreDataPosition:
                 continue
             batches = iteration if (uses_unlabeled or not unlabeled) else 0
             sampler.set_batch_position(batches, loader.batch_size, loader.drop_last)
+
+
+class ValidationProgressState:
+    """Checkpointable validation progress: early stopping, best-model saver and evaluator best metric.
+
+    Args:
+        early_stop: MONAI ``EarlyStopHandler`` (its ignite ``EarlyStopping`` exists once the trainer is set).
+        best_saver: MONAI ``CheckpointSaver`` with ``save_key_metric=True`` (the ``model.pt`` writer).
+        evaluator: the validation evaluator (``state.best_metric`` / ``best_metric_epoch``).
+    """
+
+    def __init__(self, early_stop: Any = None, best_saver: Any = None, evaluator: Any = None) -> None:
+        self.early_stop = early_stop
+        self.best_saver = best_saver
+        self.evaluator = evaluator
+
+    def _early_stopping(self) -> Any:
+        return getattr(self.early_stop, "_handler", None)
+
+    def _key_metric_checkpoint(self) -> Any:
+        return getattr(self.best_saver, "_key_metric_checkpoint", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        early_stopping = self._early_stopping()
+        if early_stopping is not None:
+            best = early_stopping.best_score
+            best_score = None if best is None else float(best)
+            state["early_stop"] = {"counter": int(early_stopping.counter), "best_score": best_score}
+        key_checkpoint = self._key_metric_checkpoint()
+        if key_checkpoint is not None:
+            saved = key_checkpoint.state_dict()["_saved"]
+            state["best_saver"] = [(float(priority), str(name)) for priority, name in saved]
+        if self.evaluator is not None:
+            state["best_metric"] = float(self.evaluator.state.best_metric)
+            state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        early_stopping = self._early_stopping()
+        if early_stopping is not None and "early_stop" in state:
+            early_stopping.counter = int(state["early_stop"]["counter"])
+            early_stopping.best_score = state["early_stop"]["best_score"]
+        key_checkpoint = self._key_metric_checkpoint()
+        if key_checkpoint is not None and "best_saver" in state:
+            key_checkpoint.load_state_dict({"_saved": [(p, n) for p, n in state["best_saver"]]})
+        if self.evaluator is not None and "best_metric" in state:
+            self.evaluator.state.best_metric = float(state["best_metric"])
+            self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
