@@ -44,7 +44,7 @@ def test_head_starts_unsaturated_and_learns() -> None:
     """Zero bias + tiny weights: outputs ~0.5 with a gradient near the sigmoid's maximum slope 0.25."""
     net = QualityPredictor(in_channels=4).eval()
     assert float(net.head[1].bias.detach()) == 0.0
-    assert float(net.head[1].weight.std()) < 5e-3
+    assert float(net.head[1].weight.detach().std()) < 5e-3
     x = torch.rand(8, 4, 64, 64)
     out = net(x)
     assert torch.all((out - 0.5).abs() < 0.05), out
@@ -84,7 +84,7 @@ def test_pretrained_path_adapts_first_conv(tmp_path) -> None:
     torch.testing.assert_close(net.encoder.layer4[1].conv2.weight.detach(), source["layer4.1.conv2.weight"])
     torch.testing.assert_close(net.encoder.bn1.running_mean, source["bn1.running_mean"])
     # the 1000-class classifier is not part of g; the regression head keeps its small initialisation
-    assert float(net.head[1].weight.std()) < 5e-3
+    assert float(net.head[1].weight.detach().std()) < 5e-3
 
     grey = QualityPredictor(in_channels=2, pretrained_path=path)
     torch.testing.assert_close(grey.encoder.conv1.weight.detach()[:, 0], source["conv1.weight"].mean(dim=1))

@@ -383,6 +383,7 @@ def _plot_val_curves(results: Sequence[RunResult], methods: Sequence[str], netwo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(networks), figsize=(6 * len(networks), 4), squeeze=False)
     for ax, network in zip(axes[0], networks):
@@ -394,6 +395,7 @@ def _plot_val_curves(results: Sequence[RunResult], methods: Sequence[str], netwo
             means = [np.mean([c[e] for c in curves if e in c]) for e in epochs]
             ax.plot(epochs, means, marker="o" if len(epochs) < 15 else None, ms=3, label=method,
                     linestyle="--" if is_quality_guided(method) else "-")  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"validation DSC — {network}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("DSC (mean over seeds)")

@@ -63,16 +63,14 @@ def degradation_transform(
     Raises:
         ValueError: ``p_weak > 0`` without a bank.
     """
+    if p_weak > 0 and weak_bank is None:
+        raise ValueError("p_weak > 0 needs weak-snapshot predictions: run configs/train_weak.json first or set p_weak to 0")
     transforms: list[Any] = [
         RandMaskCorruptiond(
             keys=label_key, mask_key=mask_key, quality_key=quality_key, category_probs=category_probs, mask_pool=mask_pool
         )
     ]
     if p_weak > 0:
-        if weak_bank is None:
-            raise ValueError(
-                "p_weak > 0 needs weak-snapshot predictions: run configs/train_weak.json first or set p_weak to 0"
-            )
         transforms.append(RandWeakPredictiond(keys=label_key, bank=weak_bank, prob=p_weak, mask_key=mask_key, quality_key=quality_key))
     if flip:
         transforms.append(RandFlipd(keys=[image_key, label_key, mask_key], prob=0.5, spatial_axis=1))
