@@ -230,7 +230,10 @@ def load_frozen_quality_predictor(
         net_kwargs: :class:`QualityPredictor` arguments used at training time (``in_channels``, ``backbone``...).
     """
     net_kwargs.pop("pretrained_path", None)  # trained weights replace any initialisation
-    network = QualityPredictor(**net_kwargs)
+    # the random initialisation is overwritten at once: keep it off the global RNG so that loading g
+    # does not change the segmenter's initialisation or data order (fair method comparisons per seed)
+    with torch.random.fork_rng(devices=[]):
+        network = QualityPredictor(**net_kwargs)
     state = load_state_dict_file(checkpoint, map_location="cpu")
     try:
         network.load_state_dict(state)

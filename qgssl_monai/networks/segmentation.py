@@ -154,6 +154,7 @@ def build_segmentation_network(
     out_channels: int = 1,
     spatial_dims: int = 2,
     size: str = "small",
+    init_seed: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build segmentation network ``name`` at ``size`` (``"small"`` for CPU runs, ``"paper"``).
@@ -164,6 +165,9 @@ def build_segmentation_network(
         out_channels: logit channels (1 for binary segmentation).
         spatial_dims: 2 or 3.
         size: preset of constructor arguments from ``NETWORK_SIZES``.
+        init_seed: when given, the weights are initialised from this seed on a forked RNG, so the
+            initialisation is the same whatever else was built before (every method of a seed starts from
+            the same student) and the global RNG is left untouched.
         overrides: constructor arguments replacing the preset's (e.g. ``feature_size=24``).
 
     Returns:
@@ -173,6 +177,12 @@ def build_segmentation_network(
     Raises:
         ValueError: unknown name/size, or SwinUNETR ``feature_size`` not a multiple of 12.
     """
+    if init_seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(init_seed))
+            return build_segmentation_network(
+                name, in_channels=in_channels, out_channels=out_channels, spatial_dims=spatial_dims, size=size, **overrides
+            )
     key = _canonical_name(name)
     kwargs: dict[str, Any] = {**NETWORK_SIZES[key][_check_size(size)], **overrides}
     common = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels}

@@ -351,18 +351,10 @@ class QualityService:
     def rgb(self) -> bool:
         return self.checker.image_channels == 3
 
-    @torch.no_grad()
     def score_tensors(self, image: torch.Tensor, mask: torch.Tensor) -> float:
-        """Predicted Dice of ``mask (1, H, W)`` for ``image (C, H, W)``, preprocessed as in training.
-
-        Both are area-resized to g's input size (the evaluation chain of ``get_seg_transforms``), the mask then
-        re-binarised with ``>= 0.5``.
-        """
-        size = (self.checker.image_size, self.checker.image_size)
-        image_s = torch.as_tensor(Resize(size, mode="area")(image)).float()
-        mask_s = (torch.as_tensor(Resize(size, mode="area")(mask.float())) >= 0.5).float()
-        device = self.checker.device
-        return float(self.checker.network.score(image_s[None].to(device), mask_s[None].to(device))[0])
+        """Predicted Dice of ``mask (1, H, W)`` for ``image (C, H, W)``, preprocessed as in training
+        (delegates to :meth:`QualityChecker.score_tensors`)."""
+        return self.checker.score_tensors(image, mask)
 
     def score_pair(self, image_path: str | os.PathLike, mask_path: str | os.PathLike) -> dict[str, Any]:
         """JSON result of the ``quality`` task: ``quality``, ``model_version``, ``latency_ms``, sizes."""

@@ -90,7 +90,7 @@ class QualityChecker:
         self.transform = get_seg_transforms(
             self.image_size, train=False, keys=("image", "mask"), augment=False, rgb=self.image_channels == 3
         )
-        self._resize_image = Resize((self.image_size, self.image_size), mode="bilinear", anti_aliasing=True)
+        self._resize_image = Resize((self.image_size, self.image_size), mode="area")
         self._resize_mask = Resize((self.image_size, self.image_size), mode="area")
 
     @classmethod
@@ -119,8 +119,8 @@ class QualityChecker:
             image: ``(C, H, W)`` float in ``[0, 1]`` with C = ``image_channels``.
             mask: ``(H, W)`` or ``(1, H, W)`` mask in ``[0, 1]`` (same H, W as the image).
 
-        Resizing follows the training chain (:func:`~qgssl_monai.transforms.io.get_seg_transforms`): bilinear
-        anti-aliased for the image, area + ``>= 0.5`` for the mask, so a soft mask is scored as its hard version
+        Resizing follows the training chain (:func:`~qgssl_monai.transforms.io.get_seg_transforms`): area for the
+        image, area + ``>= 0.5`` for the mask, so a soft mask is scored as its hard version
         (g was trained on hard masks).
         """
         image_t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).float()
