@@ -122,7 +122,7 @@ def test_bf16_autocast_flag_reaches_the_engine(demo_manifest: Path, tmp_path: Pa
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     workflow.finalize()
-    assert trainer.autocast_dtype == "bf16"
+    assert trainer.autocast_dtype is torch.bfloat16
     assert math.isfinite(trainer.state.metrics["train_loss"])
 
 

@@ -191,8 +191,9 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_needs_cuda() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
     with pytest.raises(ValueError, match="CUDA"):
         make_trainer(autocast_dtype="fp16")
-    with pytest.raises(ValueError, match="autocast_dtype"):
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
         make_trainer(autocast_dtype="int8")
+    assert make_trainer(autocast_dtype="none").autocast_dtype is None
 
 
 def test_stock_handlers_and_checkpoint_of_method(tmp_path) -> None:

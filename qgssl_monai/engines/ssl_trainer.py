@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from qgssl_monai.losses import PerSampleDiceBCELoss
+from qgssl_monai.engines.autocast import resolve_amp_dtype
 from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext
 from qgssl_monai.methods.sup import Supervised
 
-__all__ = ["SemiSupervisedTrainer", "ssl_optimizer_parameters", "AUTOCAST_DTYPES"]
+__all__ = ["SemiSupervisedTrainer", "ssl_optimizer_parameters"]
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: keys of the scalar outputs, in the order they are converted to floats
 SCALAR_KEYS = (Keys.LOSS, "sup_loss", "unsup_loss", "extra_sup_loss", "quality_weight_mean")
@@ -109,12 +109,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
     ) -> None:
-        if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"autocast_dtype must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast_dtype!r}."
-            )
+        # one dtype vocabulary for every engine: "bf16" | "fp16" | "none"/None (engines/autocast.py)
+        dtype = resolve_amp_dtype(autocast_dtype)
         device = torch.device(device)
-        if autocast_dtype == "fp16" and device.type != "cuda":
+        if dtype is torch.float16 and device.type != "cuda":
             raise ValueError(f"autocast_dtype='fp16' needs a CUDA device (got {device}); use 'bf16' on CPU.")
         method = Supervised() if method is None else method
         if not isinstance(method, SSLMethod):
@@ -149,8 +147,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.method = method.to(device)
         self.unlabeled_data_loader = unlabeled_data_loader
         self.unsup_weight_max = float(method.default_unsup_weight if unsup_weight is None else unsup_weight)
-        self.autocast_dtype = autocast_dtype
-        self.grad_scaler = torch.amp.GradScaler("cuda") if autocast_dtype == "fp16" else None
+        self.autocast_dtype = dtype
+        self.grad_scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
         self.state.unsup_weight = self.unsup_weight_max
         self.state.quality_weights = None
         self._unlabeled_iterator: Iterator | None = None
@@ -213,7 +211,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.state.device.type, dtype=AUTOCAST_DTYPES[self.autocast_dtype])
+        return torch.autocast(self.state.device.type, dtype=self.autocast_dtype)
 
     def _iteration(self, engine: SemiSupervisedTrainer, batchdata: dict[str, Tensor]) -> dict:  # type: ignore[override]
         """One SSL step; returns ``engine.state.output`` (see the module docstring for its keys)."""
