@@ -74,7 +74,7 @@ def compute_binary_metrics(
         raise ValueError(f"expected (B, 1, H, W) or (B, 1, D, H, W) masks, got shape {tuple(pred.shape)}")
     pred_mask = torch.as_tensor(pred).detach().cpu().float() > 0.5
     label_mask = torch.as_tensor(label).detach().cpu().float() > 0.5
-    batch, spatial_shape = pred_mask.shape[0], tuple(pred_mask.shape[2:])
+    spatial_shape = tuple(pred_mask.shape[2:])
     steps = _spacing_tuple(spacing, len(spatial_shape))
     diagonal = image_diagonal(spatial_shape, steps)
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from qgssl_monai.losses import PerSampleDiceBCELoss
 from qgssl_monai.methods.base import StepContext
-from qgssl_monai.methods.fdpl import FDPL, FDPLQW, reinitialise
+from qgssl_monai.methods.base import reinitialise
+from qgssl_monai.methods.fdpl import FDPL, FDPLQW
 from qgssl_monai.methods.fdpl_ops import (
     SegmentationCutMix,
     combine_pseudo_labels,

@@ -179,11 +179,13 @@ def test_peer_from_network_config_is_a_fresh_instance(tmp_path: Path, demo_manif
     overrides = _common_overrides(tmp_path, demo_manifest)
     overrides.update({"image_size": 64, "method#peer": "%network_def"})
     parser = _parse(_configs("train.json", "net/unet.json", "method/fdpl.json"), overrides)
+    optimizer = parser.get_parsed_content("optimizer")  # builds the method and calls its setup(student)
     method, student = parser.get_parsed_content("method"), parser.get_parsed_content("student")
     assert type(method.peer) is type(student) and method.peer is not student
     pairs = list(zip(method.peer.parameters(), student.parameters()))
+    # the config builds both from one seeded network_def: setup must still give B its own initialisation
     assert all(a.shape == b.shape for a, b in pairs) and any(not torch.equal(a, b) for a, b in pairs)
-    optimizer_ids = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
+    optimizer_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in method.peer.parameters()} <= optimizer_ids  # B is trained by the bundle's optimizer
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from typing import Any
 
 import torch
 from ignite.engine import Events

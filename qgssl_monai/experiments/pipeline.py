@@ -43,7 +43,6 @@ from qgssl_monai.experiments.runner import Step, StepContext
 __all__ = [
     "BundleCall",
     "Launch",
-    "build_steps",
     "prepare_manifest",
     "git_commit",
     "resolve_devices",

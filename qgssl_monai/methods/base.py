@@ -20,7 +20,17 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from qgssl_monai.engines.ssl_trainer import SemiSupervisedTrainer
 
-__all__ = ["StepContext", "MethodOutput", "SSLMethod", "EMATeacherMixin", "training_progress", "frozen_copy", "unwrap_parallel"]
+__all__ = [
+    "StepContext",
+    "MethodOutput",
+    "SSLMethod",
+    "EMATeacherMixin",
+    "training_progress",
+    "frozen_copy",
+    "independent_peer",
+    "reinitialise",
+    "unwrap_parallel",
+]
 
 
 @dataclass
@@ -92,6 +102,31 @@ def unwrap_parallel(network: nn.Module) -> nn.Module:
     if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return network.module
     return network
+
+
+def reinitialise(network: nn.Module, seed: int) -> nn.Module:
+    """Re-draw (in place) every submodule that has ``reset_parameters`` from ``seed``, on a forked RNG so the
+    run's global random stream is untouched. Returns ``network``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for module in network.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return network
+
+
+def independent_peer(network: nn.Module, seed: int) -> nn.Module:
+    """A co-training peer (CPS, FDPL): ``network``'s architecture (unwrapped from DP/DDP, deep-copied) with its
+    own initialisation drawn from ``seed`` and every parameter trainable.
+
+    The weights never depend on how ``network`` was initialised, so a peer built from the same config as a
+    seeded student is still independent of it.
+    """
+    peer = reinitialise(copy.deepcopy(unwrap_parallel(network)), seed)
+    for param in peer.parameters():
+        param.requires_grad_(True)
+    return peer
 
 
 def frozen_copy(network: nn.Module) -> nn.Module:

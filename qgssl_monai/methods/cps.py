@@ -1,8 +1,7 @@
 """CPS: cross pseudo supervision (Chen et al. 2021), with an optional per-network quality weighting.
 
-Two segmenters: the engine's student ``f_a`` and a peer ``f_b`` owned by this method (independently
-initialised: ``network_factory()`` when given, else a deep copy of the student with every submodule's
-``reset_parameters()`` re-drawn). Each is supervised by the other's hard pseudo-label
+Two segmenters: the engine's student ``f_a`` and a peer ``f_b`` owned by this method: the architecture of
+``network_factory()`` when given, else the student's, always initialised independently from ``peer_seed``. Each is supervised by the other's hard pseudo-label
 ``y = 1[sigmoid(logits) > 0.5]`` (equivalently ``logits > 0``, detached):
 
     ``unsup_loss = reduce(L(f_a(x), y_b)) + reduce(L(f_b(x), y_a))``,  ``extra_sup_loss = mean_j L(f_b(x_l), y_l)``
@@ -14,36 +13,23 @@ loss against ``y_a`` by ``g(x, y_a)``; ``quality_weights`` is ``cat([w(y_b), w(y
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext, unwrap_parallel
+from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext, independent_peer
 from qgssl_monai.methods.quality_weighting import QualityWeighting
 
-__all__ = ["CrossPseudoSupervision", "reinitialised_copy"]
-
-
-def reinitialised_copy(network: nn.Module) -> nn.Module:
-    """Deep copy of ``network`` with fresh parameters (``reset_parameters()`` of every submodule that has one,
-    drawn from torch's global generator)."""
-    peer = copy.deepcopy(unwrap_parallel(network))
-    for module in peer.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    for param in peer.parameters():
-        param.requires_grad_(True)
-    return peer
+__all__ = ["CrossPseudoSupervision"]
 
 
 class CrossPseudoSupervision(SSLMethod):
     """CPS / CPS-QW.
 
     Args:
-        network_factory: builds the peer (same architecture as the student); default re-initialised copy.
+        network_factory: builds the peer's architecture (same as the student's); default: the student's.
+        peer_seed: seed of the peer's initialisation (independent of the student's and of the global RNG).
         quality_weighting: makes this CPS-QW.
         loss_function: per-sample loss; default the engine's supervised loss.
     """
@@ -56,16 +42,19 @@ class CrossPseudoSupervision(SSLMethod):
         network_factory: Callable[[], nn.Module] | None = None,
         quality_weighting: QualityWeighting | None = None,
         loss_function: Callable[..., Tensor] | None = None,
+        peer_seed: int = 1,
     ) -> None:
         super().__init__()
         self.network_factory = network_factory
+        self.peer_seed = int(peer_seed)
         self.quality_weighting = quality_weighting
         self.loss_function = loss_function
         self.peer: nn.Module | None = None
 
     def setup(self, student: nn.Module) -> None:
         if self.peer is None:
-            peer = self.network_factory() if self.network_factory is not None else reinitialised_copy(student)
+            template = self.network_factory() if self.network_factory is not None else student
+            peer = independent_peer(template, self.peer_seed)
             device = next(student.parameters()).device
             self.peer = peer.to(device)
 

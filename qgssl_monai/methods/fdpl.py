@@ -50,7 +50,6 @@ Choices where the paper is silent (defaults):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -59,7 +58,7 @@ import torch
 from monai.transforms import Randomizable
 from torch import Tensor, nn
 
-from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext
+from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext, independent_peer
 from qgssl_monai.methods.fdpl_ops import (
     SegmentationCutMix,
     combine_pseudo_labels,
@@ -71,31 +70,16 @@ from qgssl_monai.methods.fdpl_ops import (
 )
 from qgssl_monai.methods.quality_weighting import QualityWeighting
 
-__all__ = ["FDPL", "FDPLQW", "reinitialise"]
-
-
-def reinitialise(network: nn.Module, seed: int) -> nn.Module:
-    """Reset every submodule that has ``reset_parameters`` with a seeded generator (in place).
-
-    Used to make the peer an *independently initialised* copy of the student's architecture without
-    touching the global RNG stream of the run.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in network.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    return network
+__all__ = ["FDPL", "FDPLQW"]
 
 
 class FDPL(SSLMethod, Randomizable):
     """Fixed + dynamic pseudo-label co-training (see module docstring).
 
     Args:
-        peer: subnet B; ``None`` (default) builds it in :meth:`setup` as a copy of the student's
-            architecture re-initialised with ``peer_seed``. Pass ``"%network_def"`` in a bundle config to
-            build a fresh instance from the network config instead.
+        peer: subnet B's architecture; ``None`` (default): the student's. Pass ``"%network_def"`` in a bundle
+            config to build it from the network config. Either way B's weights are drawn from ``peer_seed`` in
+            :meth:`setup`, so B is initialised independently of A even when both come from one seeded config.
         beta: weight of ``L_dyn`` relative to ``L_fix``.
         crop_size: crop side per spatial axis (int for all axes); ``None``: derived from the image size.
         crop_fraction: fraction of the image side used when ``crop_size`` is ``None``.
@@ -148,6 +132,7 @@ class FDPL(SSLMethod, Randomizable):
         self.pseudo_label_loss = pseudo_label_loss
         self.quality_weighting = quality_weighting
         self.peer_seed = int(peer_seed)
+        self._peer_initialised = False
         self.set_random_state(seed)
 
     # ------------------------------------------------------------------ checkpoint state
@@ -180,11 +165,10 @@ class FDPL(SSLMethod, Randomizable):
 
     # ------------------------------------------------------------------ networks
     def setup(self, student: nn.Module) -> None:
-        """Create subnet B (once): a re-initialised copy of the student unless a peer was given."""
-        if self.peer is None:
-            self.peer = reinitialise(copy.deepcopy(student), self.peer_seed)
-        for param in self.peer.parameters():
-            param.requires_grad_(True)
+        """Create subnet B (once): the peer architecture (or the student's) initialised from ``peer_seed``."""
+        if not self._peer_initialised:
+            self.peer = independent_peer(student if self.peer is None else self.peer, self.peer_seed)
+            self._peer_initialised = True
         first_parameter = next(student.parameters(), None)
         if first_parameter is not None:  # the peer lives where the student does
             self.peer.to(first_parameter.device)
