@@ -3,7 +3,8 @@
 Runs on one core (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``, OpenCV single-threaded) on the real
 Kvasir-SEG + CVC-ClinicDB masks in ``../shared/data`` resized to ``--size`` (224) px; without that folder it
 falls back to the synthetic demo generator's masks and says so. Prints one table (speed per category and
-overall, and the fraction of masks in each 0.2-wide Dice bin) and writes a PNG histogram to ``--out``.
+overall, and the fraction of masks in each 0.2-wide Dice bin; ``--per-op`` adds the CPU time of every op inside
+the default mix) and writes a PNG histogram to ``--out``.
 
     python benchmarks/bench_mask_generation.py --n 3000 --out benchmarks/results/
 """
@@ -68,6 +69,32 @@ def run(
     return n / wall, n / max(cpu, 1e-9), qualities, names
 
 
+def op_profile(
+    transform: RandMaskCorruption, labels: list[np.ndarray], n: int, seed: int
+) -> list[tuple[str, str, str]]:
+    """CPU time of every op inside the default mix (same draws as :func:`run`): where a mask's time goes."""
+    transform.set_random_state(seed)
+    pool_size = len(transform.mask_pool)
+    spent: dict[str, list[float]] = {}
+    for i in range(n):
+        transform.randomize(None, pool_size=pool_size)
+        if transform._category == "swap":
+            continue
+        rng = np.random.RandomState(transform._op_seed)
+        out = labels[i % len(labels)][0] > 0.5
+        for name, params in transform._plan:
+            start = time.process_time()
+            out = corruption_ops.MASK_CORRUPTION_OPS[name].fn(out, rng, **params)
+            calls_and_time = spent.setdefault(name, [0, 0.0])
+            calls_and_time[0] += 1
+            calls_and_time[1] += time.process_time() - start
+    rows = [("op time, all ops", f"{sum(v[1] for v in spent.values()) / n * 1e6:,.0f} us/mask", "")]
+    for name, (calls, seconds) in sorted(spent.items(), key=lambda item: -item[1][1]):
+        per_call = f"{seconds / calls * 1e6:,.0f} us/call, {calls} calls"
+        rows.append((f"op {name}", f"{seconds / n * 1e6:,.1f} us/mask", per_call))
+    return rows
+
+
 def speed_cell(wall: float, cpu: float) -> str:
     return f"{wall:,.0f} masks/s wall | {cpu:,.0f} masks/s CPU time"
 
@@ -81,6 +108,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT, help="holds kvasir-seg/ and cvc-clinicdb/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scipy", action="store_true", help="disable the OpenCV accelerator (scipy fallback)")
+    parser.add_argument("--per-op", action="store_true", help="add a per-op CPU-time profile of the default mix")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -117,6 +145,9 @@ def main() -> None:
     for category in CATEGORIES:
         share = category_counts.get(category, 0) / args.n
         rows.append((f"drawn {category}", f"{share:.1%}", f"p={DEFAULT_CATEGORY_PROBS[category]:.2f}"))
+
+    if args.per_op:
+        rows.extend(op_profile(transform, labels, args.n, args.seed))
 
     backend = "opencv" if corruption_ops.USE_OPENCV else "scipy"
     title = f"Type 1 mask generation: {source}, {len(masks)} masks, {args.size} px, n={args.n}, one core, {backend}"

@@ -153,6 +153,63 @@ def test_holes_stay_inside_and_islands_add(backend: str):
     assert (both & ~mask).any() and (mask & ~both).any()
 
 
+def test_random_disks_equal_the_direct_disk_definition():
+    # the vectorised run painter must give exactly the union of {(r - r_k)^2 + (c - c_k)^2 <= rad_k^2}
+    grid_r, grid_c = np.mgrid[:50, :70]
+    for seed in range(40):
+        draw = np.random.RandomState(seed)
+        count = draw.randint(0, 9)
+        centres = np.stack([draw.uniform(-8, 58, count), draw.uniform(-8, 78, count)], 1)
+        if seed % 3 == 0:  # integer centres and radii hit the exact-boundary cases
+            centres = np.rint(centres)
+        radius = float(np.rint(draw.uniform(1, 9))) if seed % 3 == 0 else float(draw.uniform(0.2, 9))
+        out = ops._random_disks((50, 70), rng(seed), centres, radius)
+        radii = np.maximum(radius * rng(seed).uniform(0.5, 1.5, size=count), 0.5)  # same draws as the op
+        expected = np.zeros((50, 70), bool)
+        for (row, col), rad in zip(centres, radii):
+            expected |= (grid_r - row) ** 2 + (grid_c - col) ** 2 <= rad * rad
+        np.testing.assert_array_equal(out, expected, err_msg=f"seed {seed}")
+
+
+def test_random_foreground_pixels_are_uniform_over_the_object():
+    mask = np.zeros((40, 40), bool)
+    mask[5:15, 5:35] = True  # compact: rejection sampling in the box
+    mask[30, 2] = True  # makes the box 26 x 33 with 301 of 858 pixels set
+    box = ops._bbox(mask)
+    rows, cols = ops._random_foreground_pixels(mask, rng(3), 6000, box)
+    assert rows.shape == (6000,) and mask[rows, cols].all()
+    counts = np.bincount(rows * 40 + cols, minlength=1600)[mask.ravel()]
+    assert counts.size == 301 and counts.min() > 0 and abs(counts.mean() - 6000 / 301) < 1e-9
+    assert counts.std() < 2.0 * np.sqrt(6000 / 301)  # multinomial spread, not a biased pick
+    sparse = np.zeros((40, 40), bool)
+    sparse[np.arange(40), np.arange(40)] = True  # fills 1/40 of its box: exact fallback
+    rows, cols = ops._random_foreground_pixels(sparse, rng(0), 50, ops._bbox(sparse))
+    assert (rows == cols).all()
+
+
+def test_opening_on_tight_crop_equals_wide_crop(backend: str):
+    # opening lies inside the mask, so the bounding box + 1 px ring gives the same result as a radius-wide margin
+    mask = ndimage.gaussian_filter(np.random.RandomState(1).rand(80, 80), 4) > 0.5
+    mask[:, :2] = True
+    for radius in (0.02, 0.1, 0.25):
+        r = radius * 80
+        wide = ops._crop_apply(mask, int(np.ceil(r)) + 1, lambda crop: ops._dilate_px(ops._erode_px(crop, r), r))
+        np.testing.assert_array_equal(ops.opening(mask, rng(), radius=radius), wide)
+
+
+def test_centroid_and_ellipse_moments_match_scipy(backend: str):
+    mask = ndimage.gaussian_filter(np.random.RandomState(2).rand(64, 64), 4) > 0.52
+    np.testing.assert_allclose(ops._centroid(mask), ndimage.center_of_mass(mask), rtol=0, atol=1e-9)
+    # a uniform ellipse has variance a^2 / 4 along its axis: the fit (semi-axis 2 sqrt(var)) recovers it
+    grid_r, grid_c = np.mgrid[:64, :64] - np.array([30.3, 33.6])[:, None, None]
+    t = np.deg2rad(35.0)
+    along, across = grid_r * np.cos(t) + grid_c * np.sin(t), -grid_r * np.sin(t) + grid_c * np.cos(t)
+    ellipse = (along / 22.0) ** 2 + (across / 11.0) ** 2 <= 1.0
+    fitted = ops.ellipse_fit(ellipse, rng(), scale=1.0)
+    np.testing.assert_allclose(ndimage.center_of_mass(fitted), ndimage.center_of_mass(ellipse), atol=0.15)
+    assert ops.dice_score(ellipse, fitted) > 0.97
+
+
 def test_dropout_removes_a_rectangle():
     mask = np.zeros((60, 60), bool)
     mask[10:50, 10:50] = True
@@ -466,7 +523,7 @@ def test_morphology_backends_identical_at_image_border():
     mask = ndimage.gaussian_filter(np.random.RandomState(0).rand(72, 72), 5) > 0.5
     mask[:, :3] = True
     mask[-2:, :] = True  # touches two image borders: outside the image is neither object nor background
-    for radius in (0.03, 0.08, 0.2):  # disk-filter path (< 9.5 px) and distance-transform path
+    for radius in (0.03, 0.08, 0.2):  # disk-filter path (< 11.5 px) and distance-transform path
         for op in (ops.erode, ops.dilate, ops.opening, ops.closing):
             results = []
             for use_cv2 in (True, False):

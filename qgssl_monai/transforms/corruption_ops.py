@@ -15,12 +15,14 @@ Each op is registered in :data:`MASK_CORRUPTION_OPS` together with a parameter s
 pick or disable ops by name and :class:`~qgssl_monai.transforms.corruptions.RandMaskCorruption` can
 draw op parameters from its own ``self.R``.
 
-Speed: local ops run on the mask's bounding box plus the margin they can reach; distance transforms
-(exact Euclidean) replace large structuring elements, so erosion/dilation cost does not grow with the
-radius. OpenCV (``opencv-python-headless``), when installed, accelerates the distance transform,
-connected components, Gaussian smoothing, polygon filling and convex hulls; every op has a
-``scipy``/``scikit-image`` fallback giving the same result (set :data:`USE_OPENCV` to ``False``
-to force it).
+Speed: local ops run on the mask's bounding box plus the margin they can reach (opening needs no margin:
+it lies inside the mask); distance transforms (exact Euclidean) replace large structuring elements, so
+erosion/dilation cost does not grow with the radius; disks are painted as runs of pixels in one vectorised
+step; random foreground pixels are drawn by rejection sampling in the bounding box; warp fields are float32.
+``benchmarks/bench_mask_generation.py --per-op`` shows where the time goes. OpenCV (``opencv-python-headless``),
+when installed, accelerates the distance transform, connected components, Gaussian smoothing, polygon filling,
+convex hulls, bounding boxes, row/column sums and boundary extraction; every op has a ``scipy``/``scikit-image``
+fallback giving the same result (set :data:`USE_OPENCV` to ``False`` to force it).
 """
 
 from __future__ import annotations
@@ -117,6 +119,12 @@ def _side(mask: np.ndarray) -> float:
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """``(row0, row1, col0, col1)`` half-open bounding box of the foreground, ``None`` when empty."""
+    if USE_OPENCV and mask.dtype == bool:
+        # one C pass over the bytes: ~2x cheaper than the numpy word reduction below
+        col0, row0, box_width, box_height = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
+        if box_width == 0:
+            return None
+        return row0, row0 + box_height, col0, col0 + box_width
     if mask.dtype.itemsize == 1 and mask.flags.c_contiguous and mask.shape[1] % 8 == 0:
         # reduce 8 pixels at a time: rows/columns of 64-bit words are ~8x fewer elements than pixels
         words = mask.view(np.uint64)
@@ -163,7 +171,7 @@ def _distance_to_zero(binary: np.ndarray) -> np.ndarray:
 
 
 # below this radius (pixels) an OpenCV min/max filter with the Euclidean disk beats the distance transform
-_DISK_FILTER_MAX_RADIUS = 9.5
+_DISK_FILTER_MAX_RADIUS = 11.5
 
 
 @lru_cache(maxsize=64)
@@ -257,20 +265,59 @@ def _fill_ellipse(
     return out
 
 
-def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` restricted to the bounding box (several times cheaper for small objects)."""
-    box = _bbox(mask)
-    if box is None:
-        return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    rows, cols = np.nonzero(mask[box[0] : box[1], box[2] : box[3]])
-    return rows + box[0], cols + box[2]
+def _random_foreground_pixels(
+    mask: np.ndarray, rng: np.random.RandomState, count: int, box: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` foreground pixels ``(rows, cols)`` drawn uniformly (with replacement) from a non-empty mask with
+    bounding box ``box``.
 
-
-def _centroid(mask: np.ndarray) -> tuple[float, float]:
-    """Foreground centroid ``(row, col)`` from the row/column profiles of the bounding box."""
-    box = _bbox(mask)
+    Rejection sampling inside the bounding box (a few uniform draws for compact objects) instead of listing every
+    foreground pixel; objects filling under 1/16 of their box, or bad luck, fall back to an exact draw from the list.
+    """
+    box_height, box_width = box[1] - box[0], box[3] - box[2]
     crop = mask[box[0] : box[1], box[2] : box[3]]
-    row_profile, col_profile = crop.sum(axis=1), crop.sum(axis=0)
+    if 16 * np.count_nonzero(crop) >= crop.size:
+        flat_crop = crop.ravel()
+        for _ in range(4):
+            flat = rng.randint(0, box_height * box_width, size=8 * count + 8)
+            hits = flat[flat_crop[flat]]
+            if hits.size >= count:
+                return hits[:count] // box_width + box[0], hits[:count] % box_width + box[2]
+    rows, cols = np.nonzero(crop)
+    pick = rng.randint(0, rows.size, size=count)
+    return rows[pick] + box[0], cols[pick] + box[2]
+
+
+def _inner_boundary(crop: np.ndarray) -> np.ndarray:
+    """Foreground pixels with a 4-neighbour in the background (pixels outside the array count as background)."""
+    if USE_OPENCV:
+        interior = cv2.erode(
+            np.ascontiguousarray(crop).view(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0
+        )
+        return crop & ~interior.view(bool)
+    padded = np.pad(crop, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return crop & ~interior
+
+
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=np.uint8)
+
+
+def _profiles(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground pixel counts per row ``(H,)`` and per column ``(W,)`` of a boolean array, as float64 (exact)."""
+    if USE_OPENCV:  # SIMD row/column sums: several times cheaper than numpy's boolean sums
+        binary = np.ascontiguousarray(crop).view(np.uint8)
+        rows = cv2.reduce(binary, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)
+        cols = cv2.reduce(binary, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)
+        return rows.ravel().astype(np.float64), cols.ravel().astype(np.float64)
+    return crop.sum(axis=1).astype(np.float64), crop.sum(axis=0).astype(np.float64)
+
+
+def _centroid(mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> tuple[float, float]:
+    """Foreground centroid ``(row, col)`` of a non-empty mask from the row/column profiles of its bounding box
+    (``box``: the known :func:`_bbox`, saves a pass over the image)."""
+    box = _bbox(mask) if box is None else box
+    row_profile, col_profile = _profiles(mask[box[0] : box[1], box[2] : box[3]])
     area = float(row_profile.sum())
     return (
         box[0] + float(row_profile @ np.arange(row_profile.size)) / area,
@@ -283,8 +330,8 @@ def _resample(mask: np.ndarray, src_rows: np.ndarray, src_cols: np.ndarray) -> n
     if USE_OPENCV:
         out = cv2.remap(
             np.ascontiguousarray(mask).view(np.uint8),
-            src_cols.astype(np.float32),
-            src_rows.astype(np.float32),
+            src_cols.astype(np.float32, copy=False),
+            src_rows.astype(np.float32, copy=False),
             cv2.INTER_NEAREST,
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=0,
@@ -299,28 +346,28 @@ def _resample(mask: np.ndarray, src_rows: np.ndarray, src_cols: np.ndarray) -> n
 
 @lru_cache(maxsize=256)
 def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``(n_out, n_in)`` smooth (cosine) interpolation weights from ``n_in`` control points over ``n_out`` pixels."""
+    """``(n_out, n_in)`` float32 smooth (cosine) interpolation weights from ``n_in`` control points over ``n_out``
+    pixels."""
     pos = np.linspace(0.0, n_in - 1.0, n_out)
-    lo = np.minimum(np.floor(pos).astype(np.intp), n_in - 2) if n_in > 1 else np.zeros(n_out, np.intp)
-    frac = pos - lo
-    frac = 0.5 - 0.5 * np.cos(np.pi * frac)  # C1-smooth at control points
-    weights = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
     if n_in == 1:
         weights[:, 0] = 1.0
-        weights.flags.writeable = False
-        return weights
-    weights[rows, lo] = 1.0 - frac
-    weights[rows, lo + 1] += frac
+    else:
+        lo = np.minimum(np.floor(pos).astype(np.intp), n_in - 2)
+        frac = 0.5 - 0.5 * np.cos(np.pi * (pos - lo))  # C1-smooth at control points
+        rows = np.arange(n_out)
+        weights[rows, lo] = 1.0 - frac
+        weights[rows, lo + 1] += frac
     weights.flags.writeable = False  # cached and shared
     return weights
 
 
 def _smooth_field(rng: np.random.RandomState, shape: tuple[int, int], spacing: float, amplitude: float) -> np.ndarray:
-    """Random field, uniform in ``[-amplitude, amplitude]`` at control points ``spacing`` px apart, interpolated."""
+    """Random float32 field, uniform in ``[-amplitude, amplitude]`` at control points ``spacing`` px apart,
+    interpolated (single precision: the field only feeds nearest-neighbour resampling and thresholds)."""
     grid_rows = max(int(np.ceil(shape[0] / max(spacing, 1.0))) + 1, 2)
     grid_cols = max(int(np.ceil(shape[1] / max(spacing, 1.0))) + 1, 2)
-    coarse = rng.uniform(-amplitude, amplitude, size=(grid_rows, grid_cols))
+    coarse = rng.uniform(-amplitude, amplitude, size=(grid_rows, grid_cols)).astype(np.float32)
     return _interpolation_matrix(shape[0], grid_rows) @ coarse @ _interpolation_matrix(shape[1], grid_cols).T
 
 
@@ -331,8 +378,8 @@ def _random_warp(mask: np.ndarray, rng: np.random.RandomState, spacing: float, a
     def warp(crop: np.ndarray) -> np.ndarray:
         d_rows = _smooth_field(rng, crop.shape, spacing, amplitude)
         d_cols = _smooth_field(rng, crop.shape, spacing, amplitude)
-        grid_r = np.arange(crop.shape[0], dtype=np.float64)[:, None]
-        grid_c = np.arange(crop.shape[1], dtype=np.float64)[None, :]
+        grid_r = np.arange(crop.shape[0], dtype=np.float32)[:, None]
+        grid_c = np.arange(crop.shape[1], dtype=np.float32)[None, :]
         return _resample(crop, grid_r + d_rows, grid_c + d_cols)
 
     return _crop_apply(mask, margin, warp)
@@ -343,7 +390,7 @@ def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[fl
     box = _bbox(mask)
     if box is None:
         return mask.copy()
-    centre = np.array(_centroid(mask))
+    centre = np.array(_centroid(mask, box))
     corners = np.array([[box[0], box[2]], [box[0], box[3]], [box[1], box[2]], [box[1], box[3]]], dtype=np.float64)
     moved = (corners - centre) @ matrix.T + centre + np.asarray(shift)
     height, width = mask.shape
@@ -352,7 +399,8 @@ def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[fl
     out = np.zeros_like(mask)
     if r0 >= r1 or c0 >= c1:
         return out
-    inverse = np.linalg.inv(matrix)
+    det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]  # 2 x 2: closed form beats np.linalg.inv
+    inverse = np.array([[matrix[1, 1], -matrix[0, 1]], [-matrix[1, 0], matrix[0, 0]]]) / det
     if USE_OPENCV:
         # backward map of output pixel (col x, row y) of the region, in OpenCV's (x, y) order
         offset = np.array([r0, c0]) - centre - np.asarray(shift)
@@ -380,19 +428,34 @@ def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[fl
 def _random_disks(
     shape: tuple[int, int], rng: np.random.RandomState, centres: np.ndarray, radius: float
 ) -> np.ndarray:
-    """Union of disks at ``centres`` (``(n, 2)`` rows/cols) with radii ``radius * U(0.5, 1.5)`` pixels."""
+    """Union of disks at ``centres`` (``(n, 2)`` rows/cols) with radii ``radius * U(0.5, 1.5)`` pixels.
+
+    Every disk is a run of columns per row (``|col - c| <= sqrt(rad^2 - (row - r)^2)``); the runs of all disks
+    are expanded to flat pixel indices and painted at once (no Python loop over disks).
+    """
     out = np.zeros(shape, dtype=bool)
     if len(centres) == 0:
         return out
+    centres = np.asarray(centres, dtype=np.float64)
     radii = np.maximum(radius * rng.uniform(0.5, 1.5, size=len(centres)), 0.5)
-    for (row, col), rad in zip(np.asarray(centres, dtype=np.float64), radii):
-        # each disk only touches its own small window of the output
-        r0, r1 = max(int(np.ceil(row - rad)), 0), min(int(np.floor(row + rad)) + 1, shape[0])
-        c0, c1 = max(int(np.ceil(col - rad)), 0), min(int(np.floor(col + rad)) + 1, shape[1])
-        if r0 < r1 and c0 < c1:
-            dr2 = (np.arange(r0, r1) - row)[:, None] ** 2
-            dc2 = (np.arange(c0, c1) - col)[None, :] ** 2
-            out[r0:r1, c0:c1] |= dr2 + dc2 <= rad * rad
+    reach = int(np.ceil(radii.max())) + 1  # rows rint(centre) +- reach cover every row a disk touches
+    offsets = np.arange(-reach, reach + 1, dtype=np.float64)
+    rows = np.rint(centres[:, :1]) + offsets  # (n, 2 reach + 1) candidate rows per disk
+    squared = radii[:, None] ** 2 - (rows - centres[:, :1]) ** 2
+    valid = (squared >= 0) & (rows >= 0) & (rows < shape[0])
+    half = np.sqrt(np.maximum(squared, 0.0))
+    low = np.maximum(np.ceil(centres[:, 1:] - half), 0)
+    high = np.minimum(np.floor(centres[:, 1:] + half), shape[1] - 1)
+    valid &= low <= high
+    rows, low, high = rows[valid].astype(np.intp), low[valid].astype(np.intp), high[valid].astype(np.intp)
+    if rows.size == 0:
+        return out
+    # expand the runs to flat pixel indices: run k covers start_k .. start_k + length_k - 1
+    lengths = high - low + 1
+    run_of_pixel = np.repeat(np.arange(lengths.size), lengths)
+    first_pixel = np.cumsum(lengths) - lengths
+    flat = rows * shape[1] + low
+    out.ravel()[flat[run_of_pixel] + np.arange(run_of_pixel.size) - first_pixel[run_of_pixel]] = True
     return out
 
 
@@ -414,7 +477,9 @@ def dilate(mask: np.ndarray, rng: np.random.RandomState, radius: float = 0.03) -
 def opening(mask: np.ndarray, rng: np.random.RandomState, radius: float = 0.05) -> np.ndarray:
     """Morphological opening (erode then dilate) by a disk of ``radius * side``: removes thin parts."""
     r = radius * _side(mask)
-    return _crop_apply(mask, int(np.ceil(r)) + 1, lambda crop: _dilate_px(_erode_px(crop, r), r))
+    # the opening lies inside the mask, so the bounding box + a 1 px background ring is enough (and keeps the
+    # distance transforms of large radii small)
+    return _crop_apply(mask, 1, lambda crop: _dilate_px(_erode_px(crop, r), r))
 
 
 def closing(mask: np.ndarray, rng: np.random.RandomState, radius: float = 0.05) -> np.ndarray:
@@ -428,17 +493,18 @@ def closing(mask: np.ndarray, rng: np.random.RandomState, radius: float = 0.05) 
 # ----------------------------------------------------------------------------------------------
 def ellipse_fit(mask: np.ndarray, rng: np.random.RandomState, scale: float = 1.0) -> np.ndarray:
     """Ellipse with the mask's centroid and second moments (semi-axes ``2 sqrt(eigenvalue)``), times ``scale``."""
-    if not mask.any():
-        return mask.copy()
     box = _bbox(mask)
-    crop = mask[box[0] : box[1], box[2] : box[3]].astype(np.float64)
+    if box is None:
+        return mask.copy()
+    crop = mask[box[0] : box[1], box[2] : box[3]]
     r, c = np.arange(crop.shape[0], dtype=np.float64), np.arange(crop.shape[1], dtype=np.float64)
-    row_profile, col_profile = crop.sum(axis=1), crop.sum(axis=0)
+    row_profile, col_profile = _profiles(crop)
     area = row_profile.sum()
     mean_r, mean_c = row_profile @ r / area, col_profile @ c / area
     var_r = row_profile @ (r * r) / area - mean_r**2
     var_c = col_profile @ (c * c) / area - mean_c**2
-    cov_rc = r @ crop @ c / area - mean_r * mean_c
+    # sum of row * col over the foreground: exact in float32 up to 2^24 per row (crop widths are far below)
+    cov_rc = float(r @ (crop.astype(np.float32) @ c.astype(np.float32)).astype(np.float64)) / area - mean_r * mean_c
     centre = (box[0] + mean_r, box[2] + mean_c)
     # + 1/12: variance of a unit pixel, keeps one-pixel masks non-degenerate
     cov = np.array([[var_r, cov_rc], [cov_rc, var_c]]) + np.eye(2) / 12.0
@@ -459,11 +525,9 @@ def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5)
     offset = rng.uniform(0.0, 2.0 * np.pi)
     box = _bbox(mask)
     crop = mask[box[0] : box[1], box[2] : box[3]]
-    padded = np.pad(crop, 1)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    rows, cols = np.nonzero(crop & ~interior)
+    rows, cols = np.nonzero(_inner_boundary(crop))
     rows, cols = rows + box[0], cols + box[2]
-    centre_r, centre_c = _centroid(mask)
+    centre_r, centre_c = _centroid(mask, box)
     dr, dc = rows - centre_r, cols - centre_c
     step = 2.0 * np.pi / vertices
     # sector k is centred on the direction offset + k * step
@@ -553,10 +617,8 @@ def boundary_noise(
     b = max(band * _side(mask), 1.0)  # at least the one-pixel boundary ring
 
     def flip(crop: np.ndarray) -> np.ndarray:
-        padded = np.pad(crop, 1)
-        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
         # pixels within b of the object's inner (4-connected) boundary
-        ring = _dilate_px(crop & ~interior, b)
+        ring = _dilate_px(_inner_boundary(crop), b)
         flips = np.zeros_like(crop)
         flips[ring] = rng.random_sample(int(np.count_nonzero(ring))) < flip_prob
         return crop ^ flips
@@ -569,11 +631,11 @@ def boundary_noise(
 # ----------------------------------------------------------------------------------------------
 def holes(mask: np.ndarray, rng: np.random.RandomState, count: int = 2, radius: float = 0.03) -> np.ndarray:
     """Punch ``count`` disks (radius ``radius * side * U(0.5, 1.5)``) centred on random foreground pixels."""
-    rows, cols = _nonzero(mask)
-    if rows.size == 0 or count <= 0:
+    box = _bbox(mask)
+    if box is None or count <= 0:
         return mask.copy()
-    pick = rng.randint(0, rows.size, size=int(count))
-    disks = _random_disks(mask.shape, rng, np.stack([rows[pick], cols[pick]], 1), radius * _side(mask))
+    rows, cols = _random_foreground_pixels(mask, rng, int(count), box)
+    disks = _random_disks(mask.shape, rng, np.stack([rows, cols], 1), radius * _side(mask))
     return mask & ~disks
 
 
@@ -621,13 +683,12 @@ def dropout(mask: np.ndarray, rng: np.random.RandomState, height: float = 0.3, w
     box = _bbox(mask)
     if box is None:
         return mask.copy()
-    rows, cols = _nonzero(mask)
-    k = rng.randint(rows.size)
+    (row,), (col,) = _random_foreground_pixels(mask, rng, 1, box)
     half_h = max(height * (box[1] - box[0]), 1.0) / 2.0
     half_w = max(width * (box[3] - box[2]), 1.0) / 2.0
     out = mask.copy()
-    r0, r1 = max(int(np.rint(rows[k] - half_h)), 0), int(np.rint(rows[k] + half_h))
-    c0, c1 = max(int(np.rint(cols[k] - half_w)), 0), int(np.rint(cols[k] + half_w))
+    r0, r1 = max(int(np.rint(row - half_h)), 0), int(np.rint(row + half_h))
+    c0, c1 = max(int(np.rint(col - half_w)), 0), int(np.rint(col + half_w))
     out[r0 : max(r1, r0 + 1), c0 : max(c1, c0 + 1)] = False
     return out
 

@@ -90,6 +90,8 @@ DEFAULT_HEAVY_SHARE: dict[str, float] = {"single": 0.5, "chain": 0.3, "heavy": 1
 #: default inclusive range of the number of distinct ops drawn by "chain" and "heavy"
 DEFAULT_CHAIN_LENGTH: dict[str, tuple[int, int]] = {"chain": (2, 3), "heavy": (2, 3)}
 
+_OP_SEED_LIMIT = int(np.iinfo(np.int32).max)  # np.iinfo per call costs more than the draw itself
+
 PoolItem = Union[np.ndarray, torch.Tensor, str, os.PathLike]
 
 
@@ -276,7 +278,7 @@ class RandMaskCorruption(RandomizableTransform):
                 if pool_size < 1:
                     raise ValueError("RandMaskCorruption drew 'swap' but the swap mask pool is empty.")
                 self._swap_indices = self.R.choice(pool_size, size=min(self.swap_candidates, pool_size), replace=False)
-        self._op_seed = int(self.R.randint(np.iinfo(np.int32).max))
+        self._op_seed = int(self.R.randint(_OP_SEED_LIMIT))
 
     # -- swap pool -------------------------------------------------------------------------------
     def prepare_pool(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -319,11 +321,13 @@ class RandMaskCorruption(RandomizableTransform):
             out = reference
             for name, params in self._plan:
                 out = MASK_CORRUPTION_OPS[name].fn(out, self._op_rng, **params)
-            if out is reference:
-                out = reference.copy()
-        quality = torch.from_numpy(np.array(dice_score(reference, out), dtype=np.float32))
-        dtype = np.float32 if isinstance(label, np.ndarray) else torch.float32
-        mask, *_ = convert_to_dst_type(out[None].astype(np.float32), dst=label, dtype=dtype)
+        # an empty plan returns the label itself: Dice 1 without counting pixels
+        dice = 1.0 if out is reference else dice_score(reference, out)
+        quality = torch.from_numpy(np.array(dice, dtype=np.float32))
+        as_float = out[None].astype(np.float32)  # always a fresh array (never aliases the label)
+        if isinstance(label, np.ndarray):
+            return MaskCorruptionResult(as_float, quality, self.describe())
+        mask, *_ = convert_to_dst_type(as_float, dst=label, dtype=torch.float32)
         return MaskCorruptionResult(mask, quality, self.describe())
 
     def describe(self) -> str:
