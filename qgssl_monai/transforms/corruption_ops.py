@@ -519,11 +519,11 @@ def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5)
     """Polygon of up to ``vertices`` corners: for each of ``vertices`` equally spaced directions from the centroid
     (random start angle), the boundary pixel closest in angle to that direction (the farthest one on ties) becomes a
     corner; a round object gives a roughly regular inscribed polygon."""
-    if not mask.any():
+    box = _bbox(mask)
+    if box is None:
         return mask.copy()
     vertices = max(int(vertices), 3)
     offset = rng.uniform(0.0, 2.0 * np.pi)
-    box = _bbox(mask)
     crop = mask[box[0] : box[1], box[2] : box[3]]
     rows, cols = np.nonzero(_inner_boundary(crop))
     rows, cols = rows + box[0], cols + box[2]
