@@ -210,6 +210,18 @@ def test_centroid_and_ellipse_moments_match_scipy(backend: str):
     assert ops.dice_score(ellipse, fitted) > 0.97
 
 
+def test_every_op_handles_empty_full_and_one_pixel_wide_masks(backend: str):
+    empty, full, diagonal = np.zeros((40, 48), bool), np.ones((40, 48), bool), np.eye(40, 48, dtype=bool)
+    for name, op in ops.MASK_CORRUPTION_OPS.items():
+        for strength in ops.STRENGTHS:
+            params = op.sample_params(rng(1), strength)
+            for mask in (empty, full, diagonal):
+                out = op.fn(mask, rng(0), **params)
+                assert out.dtype == bool and out.shape == mask.shape and out is not mask, name
+            if name not in ("islands", "holes_and_islands", "invert", "full", "noise"):
+                assert not op.fn(empty, rng(0), **params).any(), name  # nothing to degrade stays nothing
+
+
 def test_dropout_removes_a_rectangle():
     mask = np.zeros((60, 60), bool)
     mask[10:50, 10:50] = True
@@ -533,3 +545,18 @@ def test_morphology_backends_identical_at_image_border():
                 finally:
                     ops.USE_OPENCV = True
             np.testing.assert_array_equal(results[0], results[1], err_msg=f"{op.__name__} r={radius}")
+
+
+@pytest.mark.skipif(ops.cv2 is None, reason="OpenCV accelerator not installed")
+def test_smooth_backends_identical_at_image_border():
+    # cv2.BORDER_REFLECT repeats the edge pixel, as scipy's mode="reflect" does ("mirror" would not)
+    mask = ndimage.gaussian_filter(np.random.RandomState(3).rand(72, 72), 5) > 0.5
+    mask[:, :4] = True
+    results = []
+    for use_cv2 in (True, False):
+        ops.USE_OPENCV = use_cv2
+        try:
+            results.append(ops.smooth(mask, rng(), sigma=0.05))
+        finally:
+            ops.USE_OPENCV = True
+    np.testing.assert_array_equal(results[0], results[1])

@@ -582,7 +582,7 @@ def smooth(mask: np.ndarray, rng: np.random.RandomState, sigma: float = 0.03) ->
             size = 2 * int(np.ceil(3.0 * s)) + 1
             blurred = cv2.GaussianBlur(as_float, (size, size), s, borderType=cv2.BORDER_REFLECT)
         else:
-            blurred = ndimage.gaussian_filter(as_float, s, mode="mirror", truncate=3.0)
+            blurred = ndimage.gaussian_filter(as_float, s, mode="reflect", truncate=3.0)  # == BORDER_REFLECT
         return blurred > 0.5
 
     return _crop_apply(mask, int(np.ceil(3.0 * s)) + 1, blur)
