@@ -57,6 +57,41 @@ def test_dice_score_exact_and_empty():
     assert ops.dice_score(a, np.zeros_like(a)) == 0.0
 
 
+def test_dice_score_backends_agree_on_random_and_strided_masks(backend: str):
+    # the OpenCV path counts bytes of uint8 views; it must give the numpy answer bit for bit, and inputs it cannot
+    # view (strided, non-bool, 3D) must take the numpy path
+    state = np.random.RandomState(7)
+    for fill_a, fill_b in ((0.3, 0.6), (0.0, 0.2), (0.5, 0.0), (0.9, 0.9)):
+        a, b = state.rand(37, 53) < fill_a, state.rand(37, 53) < fill_b
+        area_a, area_b, shared = a.sum(), b.sum(), (a & b).sum()
+        expected = 1.0 if area_a + area_b == 0 else 2.0 * shared / (area_a + area_b)
+        assert ops.dice_score(a, b) == expected
+        assert ops.dice_score(a[:, ::2], b[:, ::2]) == ops.dice_score(a[:, ::2].copy(), b[:, ::2].copy())
+        assert ops.dice_score(a.astype(np.float32), b.astype(np.uint8)) == expected
+        assert ops.dice_score(a[None], b[None]) == expected
+    with pytest.raises(ValueError, match="equal shapes"):
+        ops.dice_score(np.zeros((4, 4), bool), np.zeros((4, 5), bool))
+
+
+def test_category_draw_boundaries():
+    # a uniform draw u picks the first category whose cumulative probability exceeds u
+    transform = RandMaskCorruption(category_probs={"identity": 0.25, "catastrophic": 0.25, "blob": 0.5})
+
+    class FixedUniform(np.random.RandomState):
+        def __init__(self, value: float) -> None:
+            super().__init__(0)
+            self.value = value
+
+        def rand(self, *size: int):  # the category draw is the second rand() (the first is RandomizableTransform's)
+            return self.value if not size else super().rand(*size)
+
+    for value, category in ((0.0, "identity"), (0.2499, "identity"), (0.25, "catastrophic"), (0.5, "blob"),
+                            (0.9999, "blob")):
+        transform.set_random_state(state=FixedUniform(value))
+        transform.randomize(None)
+        assert transform._category == category, value
+
+
 @pytest.mark.parametrize("radius_px", [3.0, 5.0, 12.0])
 def test_erode_and_dilate_match_euclidean_distance(backend: str, radius_px: float):
     mask = disk(96, 25.0)
@@ -169,6 +204,40 @@ def test_random_disks_equal_the_direct_disk_definition():
         for (row, col), rad in zip(centres, radii):
             expected |= (grid_r - row) ** 2 + (grid_c - col) ** 2 <= rad * rad
         np.testing.assert_array_equal(out, expected, err_msg=f"seed {seed}")
+
+
+def test_holes_and_islands_paint_exactly_the_drawn_disks():
+    # holes/islands paint disk pixels straight into a copy of the mask: same result as combining with the disk image
+    mask = disk(64, 20.0, (30.0, 34.0)) | disk(64, 6.0, (55.0, 8.0))
+    for seed in range(5):
+        state = rng(seed)
+        rows, cols = ops._random_foreground_pixels(mask, state, 3, ops._bbox(mask))
+        expected_holes = mask & ~ops._random_disks(mask.shape, state, np.stack([rows, cols], 1), 0.05 * 64)
+        np.testing.assert_array_equal(ops.holes(mask, rng(seed), count=3, radius=0.05), expected_holes)
+        state = rng(seed)
+        box = ops._bbox(mask)
+        r0, r1 = max(box[0] - (box[1] - box[0]), 0), min(box[1] + (box[1] - box[0]), 64)
+        c0, c1 = max(box[2] - (box[3] - box[2]), 0), min(box[3] + (box[3] - box[2]), 64)
+        centres = np.stack([state.randint(r0, r1, size=3), state.randint(c0, c1, size=3)], 1)
+        expected_islands = mask | ops._random_disks(mask.shape, state, centres, 0.05 * 64)
+        np.testing.assert_array_equal(ops.islands(mask, rng(seed), count=3, radius=0.05), expected_islands)
+        assert not np.array_equal(expected_islands, mask) and not np.array_equal(expected_holes, mask)
+    strided = np.asfortranarray(mask)[:, ::-1]  # non-contiguous input: the op must not paint into a view of it
+    before = strided.copy()
+    ops.holes_and_islands(strided, rng(0), count=4, radius=0.05)
+    np.testing.assert_array_equal(strided, before)
+
+
+def test_nonzero_matches_numpy_order_on_views():
+    state = np.random.RandomState(3)
+    for shape in ((1, 1), (5, 9), (40, 23)):
+        mask = state.rand(*shape) < 0.3
+        for view in (mask, mask[:, ::-1], mask.T, np.zeros_like(mask)):
+            rows, cols = ops._nonzero(view)
+            expected_rows, expected_cols = np.nonzero(view)
+            np.testing.assert_array_equal(rows, expected_rows)
+            np.testing.assert_array_equal(cols, expected_cols)
+            assert rows.dtype == expected_rows.dtype
 
 
 def test_random_foreground_pixels_are_uniform_over_the_object():

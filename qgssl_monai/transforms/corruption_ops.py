@@ -18,7 +18,8 @@ draw op parameters from its own ``self.R``.
 Speed: local ops run on the mask's bounding box plus the margin they can reach (opening needs no margin:
 it lies inside the mask); distance transforms (exact Euclidean) replace large structuring elements, so
 erosion/dilation cost does not grow with the radius; disks are painted as runs of pixels in one vectorised
-step; random foreground pixels are drawn by rejection sampling in the bounding box; warp fields are float32.
+step (straight into the copy of the mask for holes/islands); random foreground pixels are drawn by rejection
+sampling in the bounding box; 2D ``nonzero`` is a flat scan + divmod; warp fields are float32.
 ``benchmarks/bench_mask_generation.py --per-op`` shows where the time goes. OpenCV (``opencv-python-headless``),
 when installed, accelerates the distance transform, connected components, Gaussian smoothing, polygon filling,
 convex hulls, bounding boxes, row/column sums and boundary extraction; every op has a ``scipy``/``scikit-image``
@@ -27,6 +28,7 @@ fallback giving the same result (set :data:`USE_OPENCV` to ``False`` to force it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -104,6 +106,14 @@ def dice_score(reference: np.ndarray, candidate: np.ndarray) -> float:
     candidate = np.asarray(candidate, dtype=bool)
     if reference.shape != candidate.shape:
         raise ValueError(f"dice_score needs equal shapes, got {reference.shape} and {candidate.shape}.")
+    contiguous = reference.flags.c_contiguous and candidate.flags.c_contiguous
+    if USE_OPENCV and reference.ndim == 2 and reference.size and contiguous:
+        # SIMD byte counts on uint8 views: about half the time of numpy's boolean counts + temporary
+        reference_bytes, candidate_bytes = reference.view(np.uint8), candidate.view(np.uint8)
+        total = cv2.countNonZero(reference_bytes) + cv2.countNonZero(candidate_bytes)
+        if total == 0:
+            return 1.0
+        return 2.0 * cv2.countNonZero(cv2.bitwise_and(reference_bytes, candidate_bytes)) / total
     total = np.count_nonzero(reference) + np.count_nonzero(candidate)
     if total == 0:
         return 1.0
@@ -114,7 +124,7 @@ def dice_score(reference: np.ndarray, candidate: np.ndarray) -> float:
 # geometry helpers
 # ----------------------------------------------------------------------------------------------
 def _side(mask: np.ndarray) -> float:
-    return float(np.sqrt(mask.shape[0] * mask.shape[1]))
+    return math.sqrt(mask.shape[0] * mask.shape[1])  # correctly rounded like np.sqrt, without the ufunc call
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -153,7 +163,7 @@ def _crop_apply(mask: np.ndarray, margin: int, fn: Callable[[np.ndarray], np.nda
     height, width = mask.shape
     r0, r1 = max(box[0] - margin, 0), min(box[1] + margin, height)
     c0, c1 = max(box[2] - margin, 0), min(box[3] + margin, width)
-    out = np.zeros_like(mask)
+    out = np.zeros(mask.shape, mask.dtype)  # np.zeros: a third of zeros_like's call overhead
     out[r0:r1, c0:c1] = fn(np.ascontiguousarray(mask[r0:r1, c0:c1]))
     return out
 
@@ -283,9 +293,15 @@ def _random_foreground_pixels(
             hits = flat[flat_crop[flat]]
             if hits.size >= count:
                 return hits[:count] // box_width + box[0], hits[:count] % box_width + box[2]
-    rows, cols = np.nonzero(crop)
+    rows, cols = _nonzero(crop)
     pick = rng.randint(0, rows.size, size=count)
     return rows[pick] + box[0], cols[pick] + box[2]
+
+
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2D array (same row-major order): one flat scan + divmod, ~5x cheaper than numpy's 2D
+    ``nonzero`` on bounding-box crops."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
 def _inner_boundary(crop: np.ndarray) -> np.ndarray:
@@ -396,7 +412,7 @@ def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[fl
     height, width = mask.shape
     r0, r1 = max(int(np.floor(moved[:, 0].min())) - 2, 0), min(int(np.ceil(moved[:, 0].max())) + 2, height)
     c0, c1 = max(int(np.floor(moved[:, 1].min())) - 2, 0), min(int(np.ceil(moved[:, 1].max())) + 2, width)
-    out = np.zeros_like(mask)
+    out = np.zeros(mask.shape, mask.dtype)
     if r0 >= r1 or c0 >= c1:
         return out
     det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]  # 2 x 2: closed form beats np.linalg.inv
@@ -428,14 +444,34 @@ def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[fl
 def _random_disks(
     shape: tuple[int, int], rng: np.random.RandomState, centres: np.ndarray, radius: float
 ) -> np.ndarray:
-    """Union of disks at ``centres`` (``(n, 2)`` rows/cols) with radii ``radius * U(0.5, 1.5)`` pixels.
+    """Union of disks at ``centres`` (``(n, 2)`` rows/cols) with radii ``radius * U(0.5, 1.5)`` pixels."""
+    out = np.zeros(shape, dtype=bool)
+    out.ravel()[_random_disk_pixels(shape, rng, centres, radius)] = True
+    return out
+
+
+def _paint_random_disks(
+    mask: np.ndarray, rng: np.random.RandomState, centres: np.ndarray, radius: float, value: bool
+) -> np.ndarray:
+    """Copy of ``mask`` with the disks of :func:`_random_disks` set to ``value`` (no full-size disk image)."""
+    out = mask.copy()
+    out.ravel()[_random_disk_pixels(mask.shape, rng, centres, radius)] = value
+    return out
+
+
+_NO_PIXELS = np.zeros(0, dtype=np.intp)
+
+
+def _random_disk_pixels(
+    shape: tuple[int, int], rng: np.random.RandomState, centres: np.ndarray, radius: float
+) -> np.ndarray:
+    """Flat indices (may repeat) of the pixels of :func:`_random_disks`.
 
     Every disk is a run of columns per row (``|col - c| <= sqrt(rad^2 - (row - r)^2)``); the runs of all disks
-    are expanded to flat pixel indices and painted at once (no Python loop over disks).
+    are expanded to flat pixel indices at once (no Python loop over disks).
     """
-    out = np.zeros(shape, dtype=bool)
     if len(centres) == 0:
-        return out
+        return _NO_PIXELS
     centres = np.asarray(centres, dtype=np.float64)
     radii = np.maximum(radius * rng.uniform(0.5, 1.5, size=len(centres)), 0.5)
     reach = int(np.ceil(radii.max())) + 1  # rows rint(centre) +- reach cover every row a disk touches
@@ -449,14 +485,13 @@ def _random_disks(
     valid &= low <= high
     rows, low, high = rows[valid].astype(np.intp), low[valid].astype(np.intp), high[valid].astype(np.intp)
     if rows.size == 0:
-        return out
+        return _NO_PIXELS
     # expand the runs to flat pixel indices: run k covers start_k .. start_k + length_k - 1
     lengths = high - low + 1
     run_of_pixel = np.repeat(np.arange(lengths.size), lengths)
     first_pixel = np.cumsum(lengths) - lengths
     flat = rows * shape[1] + low
-    out.ravel()[flat[run_of_pixel] + np.arange(run_of_pixel.size) - first_pixel[run_of_pixel]] = True
-    return out
+    return flat[run_of_pixel] + np.arange(run_of_pixel.size) - first_pixel[run_of_pixel]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +560,7 @@ def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5)
     vertices = max(int(vertices), 3)
     offset = rng.uniform(0.0, 2.0 * np.pi)
     crop = mask[box[0] : box[1], box[2] : box[3]]
-    rows, cols = np.nonzero(_inner_boundary(crop))
+    rows, cols = _nonzero(_inner_boundary(crop))
     rows, cols = rows + box[0], cols + box[2]
     centre_r, centre_c = _centroid(mask, box)
     dr, dc = rows - centre_r, cols - centre_c
@@ -635,8 +670,7 @@ def holes(mask: np.ndarray, rng: np.random.RandomState, count: int = 2, radius: 
     if box is None or count <= 0:
         return mask.copy()
     rows, cols = _random_foreground_pixels(mask, rng, int(count), box)
-    disks = _random_disks(mask.shape, rng, np.stack([rows, cols], 1), radius * _side(mask))
-    return mask & ~disks
+    return _paint_random_disks(mask, rng, np.stack([rows, cols], 1), radius * _side(mask), False)
 
 
 def islands(mask: np.ndarray, rng: np.random.RandomState, count: int = 2, radius: float = 0.03) -> np.ndarray:
@@ -652,7 +686,7 @@ def islands(mask: np.ndarray, rng: np.random.RandomState, count: int = 2, radius
     r0, r1 = max(box[0] - grow_r, 0), min(box[1] + grow_r, height)
     c0, c1 = max(box[2] - grow_c, 0), min(box[3] + grow_c, width)
     centres = np.stack([rng.randint(r0, r1, size=int(count)), rng.randint(c0, c1, size=int(count))], 1)
-    return mask | _random_disks(mask.shape, rng, centres, radius * _side(mask))
+    return _paint_random_disks(mask, rng, centres, radius * _side(mask), True)
 
 
 def holes_and_islands(mask: np.ndarray, rng: np.random.RandomState, count: int = 2, radius: float = 0.03) -> np.ndarray:
@@ -709,7 +743,7 @@ def translate(mask: np.ndarray, rng: np.random.RandomState, shift_y: float = 0.2
     pixels leaving the image are lost."""
     dy, dx = translation_pixels(mask, shift_y, shift_x)
     height, width = mask.shape
-    out = np.zeros_like(mask)
+    out = np.zeros(mask.shape, mask.dtype)
     if abs(dy) >= height or abs(dx) >= width:
         return out
     out[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = mask[

@@ -37,6 +37,7 @@ Public interface::
 
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -91,6 +92,8 @@ DEFAULT_HEAVY_SHARE: dict[str, float] = {"single": 0.5, "chain": 0.3, "heavy": 1
 DEFAULT_CHAIN_LENGTH: dict[str, tuple[int, int]] = {"chain": (2, 3), "heavy": (2, 3)}
 
 _OP_SEED_LIMIT = int(np.iinfo(np.int32).max)  # np.iinfo per call costs more than the draw itself
+_NO_SWAP = np.zeros(0, dtype=np.intp)
+_NO_SWAP.flags.writeable = False  # shared by every transform
 
 PoolItem = Union[np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -215,7 +218,8 @@ class RandMaskCorruption(RandomizableTransform):
             probs["swap"] = 0.0
         total = sum(probs.values())
         self.category_probs = {c: p / total for c, p in probs.items()}
-        self._cum_category = np.cumsum([self.category_probs[c] for c in CATEGORIES])
+        # plain floats: bisect on a list is ~10x cheaper per draw than np.searchsorted on an array
+        self._cum_category = [float(v) for v in np.cumsum([self.category_probs[c] for c in CATEGORIES])]
 
         weights = dict(DEFAULT_OP_WEIGHTS) if ops is None else (
             dict(ops) if isinstance(ops, Mapping) else dict.fromkeys(ops, 1.0)
@@ -241,7 +245,7 @@ class RandMaskCorruption(RandomizableTransform):
         self._op_rng = np.random.RandomState()
         self._category = "identity"
         self._plan: list[tuple[str, dict[str, Any]]] = []
-        self._swap_indices = np.zeros(0, dtype=np.intp)
+        self._swap_indices = _NO_SWAP
         self._op_seed = 0
 
     # -- randomisation -------------------------------------------------------------------------
@@ -259,10 +263,10 @@ class RandMaskCorruption(RandomizableTransform):
     def randomize(self, data: Any = None, pool_size: int = 0) -> None:
         """Draw the category, ops and parameters (``pool_size``: number of masks available for ``swap``)."""
         super().randomize(None)
-        index = int(np.searchsorted(self._cum_category, self.R.rand(), side="right"))
+        index = bisect.bisect_right(self._cum_category, self.R.rand())
         category = CATEGORIES[min(index, len(CATEGORIES) - 1)]
         self._category = category
-        self._swap_indices = np.zeros(0, dtype=np.intp)
+        self._swap_indices = _NO_SWAP
         if category == "single":
             self._plan = self._draw_ops(1, self.heavy_share["single"])
         elif category in ("chain", "heavy"):
