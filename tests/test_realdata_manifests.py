@@ -32,7 +32,7 @@ def test_shipped_manifest_loads_with_monai_and_validates_clean(name: str, counts
     assert header["data_root"] == f"../../shared/data/{name}"  # relative to data_manifests/: works in a fresh clone
     assert header["licence"] and header["citation"] and header["source_notes"]
     root = resolve_data_root(manifest)
-    assert root == (DATA / name).resolve()
+    assert root.resolve() == (DATA / name).resolve()
     loaded = {
         split: load_decathlon_datalist(manifest, is_segmentation=True, data_list_key=split, base_dir=root)
         for split in ("training", "validation", "test")
