@@ -17,7 +17,7 @@ __all__ = ["WeakSnapshotSaver"]
 
 
 class WeakSnapshotSaver:
-    """Write ``save_dir/weak_epoch_XXX.pt`` (plain state_dict) after each epoch listed in ``epochs``.
+    """Write ``save_dir/weak_epoch_<NNN>.pt`` (plain state_dict) after each epoch listed in ``epochs``.
 
     Unlike MONAI's ``CheckpointSaver`` (interval based, keeps the last n), this saves exactly the
     listed epochs, which is what the Type 2 masks need (networks of increasing but poor quality).
