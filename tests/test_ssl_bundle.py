@@ -94,6 +94,28 @@ def test_method_overlay_trains_one_epoch(method: str, demo_manifest: Path, quali
     assert summary["dice"]["n"] == len(load_split(demo_manifest, "test"))
 
 
+def test_same_seed_gives_every_method_the_same_student(demo_manifest: Path, quality_ckpt: Path, tmp_path: Path) -> None:
+    """Loading g (QAR, *-QW) or building peers must not change the student's initialisation or the global RNG:
+    for one seed every method starts from the same weights, so method comparisons are paired."""
+    students, next_draws = {}, {}
+    for method in ("sup", "qar", "pl_qw", "cps"):
+        workflow = make_workflow(
+            config_files(f"method/{method}"), demo_manifest, tmp_path / method, quality_ckpt=str(quality_ckpt), seed=3
+        )
+        workflow.initialize()
+        workflow.parser.get_parsed_content("train#trainer")  # method, g and peers are built with the trainer
+        student = workflow.parser.get_parsed_content("student")
+        students[method] = torch.cat([p.detach().flatten() for p in student.parameters()])
+        next_draws[method] = torch.rand(4)
+    for method in ("qar", "pl_qw", "cps"):
+        assert torch.equal(students[method], students["sup"]), method
+        assert torch.equal(next_draws[method], next_draws["sup"]), method
+    other_seed = make_workflow(config_files("method/sup"), demo_manifest, tmp_path / "seed4", seed=4)
+    other_seed.initialize()
+    other = torch.cat([p.detach().flatten() for p in other_seed.parser.get_parsed_content("student").parameters()])
+    assert not torch.equal(other, students["sup"])
+
+
 @pytest.mark.parametrize(
     "net, expected",
     [("unet", UNet), ("swinunetr2d", SwinUNETR), ("unetpp", FinalOutput), ("attention_unet", AttentionUnet)],
