@@ -18,22 +18,11 @@ from torch.utils.data.distributed import DistributedSampler
 from qgssl_monai.engines import SemiSupervisedTrainer, ssl_optimizer_parameters
 from qgssl_monai.methods import MethodOutput, QualityWeighting, SSLMethod, StepContext, build_method
 from qgssl_monai.methods.sup import Supervised
+from ssl_test_doubles import TinyQuality
 
 
 def tiny_unet(channels: int = 3, dims: int = 2) -> nn.Module:
     return UNet(dims, channels, 1, channels=(4, 8), strides=(2,), num_res_units=0)
-
-
-class TinyQuality(nn.Module):
-    """g(cat([image, mask])) -> (B, 1) in [0, 1], the quality-predictor contract."""
-
-    def __init__(self, in_channels: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 2, 3, padding=1)
-        self.head = nn.Linear(2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.conv(x).mean(dim=(2, 3))))
 
 
 class DictData(Dataset):

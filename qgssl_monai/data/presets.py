@@ -246,6 +246,13 @@ _POLYP = {"0": "background", "1": "polyp"}
 _LESION = {"0": "background", "1": "lesion"}
 
 
+def _scan_image_mask_dirs(image_dir: Path, mask_dir: Path) -> ScanResult:
+    """Labeled pairs of two folders, matched by file stem (mask suffixes tolerated)."""
+    return ScanResult(
+        labeled=pair_by_stem(list_images(image_dir), list_images(mask_dir), image_dir=image_dir, mask_dir=mask_dir)
+    )
+
+
 @register_preset(
     "folders",
     description="generic: images/ paired with masks/ by file stem (mask suffixes _mask, _segmentation, _lesion ok)",
@@ -255,9 +262,7 @@ def scan_folders(root: Path) -> ScanResult:
     """``root/images/*`` + ``root/masks/*`` paired by stem."""
     image_dir = _find_dir(root, ("images", "image", "imgs"), "image")
     mask_dir = _find_dir(root, ("masks", "mask", "labels", "ground_truth", "GroundTruth"), "mask")
-    return ScanResult(
-        labeled=pair_by_stem(list_images(image_dir), list_images(mask_dir), image_dir=image_dir, mask_dir=mask_dir)
-    )
+    return _scan_image_mask_dirs(image_dir, mask_dir)
 
 
 @register_preset(
@@ -276,9 +281,7 @@ def scan_kvasir_seg(root: Path) -> ScanResult:
     base = root / "Kvasir-SEG" if (root / "Kvasir-SEG" / "images").is_dir() else root
     image_dir = _find_dir(base, ("images",), "Kvasir-SEG image")
     mask_dir = _find_dir(base, ("masks",), "Kvasir-SEG mask")
-    return ScanResult(
-        labeled=pair_by_stem(list_images(image_dir), list_images(mask_dir), image_dir=image_dir, mask_dir=mask_dir)
-    )
+    return _scan_image_mask_dirs(image_dir, mask_dir)
 
 
 @register_preset(

@@ -281,16 +281,17 @@ class NormalizeBinaryMaskd(MapTransform):
         return d
 
 
+def _load(key: str, converter: Callable) -> LoadImaged:
+    """``LoadImaged`` of ``key`` through :class:`RasterImageReader` with ``converter``: channel-first, dtype kept."""
+    return LoadImaged(
+        keys=key, reader=RasterImageReader(converter=converter), dtype=None, image_only=True, ensure_channel_first=True
+    )
+
+
 def _image_chain(image_key: str, image_size: int, rgb: bool) -> list[Transform]:
     """Load -> [0, 1] float -> 3/1 channels -> area resize to (image_size, image_size)."""
     return [
-        LoadImaged(
-            keys=image_key,
-            reader=RasterImageReader(converter=image_converter),
-            dtype=None,
-            image_only=True,
-            ensure_channel_first=True,
-        ),
+        _load(image_key, image_converter),
         ScaleToUnitRanged(keys=image_key),
         EnsureImageChannelsd(keys=image_key, rgb=rgb),
         # area = exact box average when shrinking (MONAI's anti_aliasing Gaussian zero-pads and darkens borders)
@@ -301,13 +302,7 @@ def _image_chain(image_key: str, image_size: int, rgb: bool) -> list[Transform]:
 def _mask_chain(label_key: str, image_size: int) -> list[Transform]:
     """Load -> {0, 1} -> area resize + ``>= 0.5`` (a 2-px line survives 4x down-sampling; nearest may drop it)."""
     return [
-        LoadImaged(
-            keys=label_key,
-            reader=RasterImageReader(converter=mask_converter),
-            dtype=None,
-            image_only=True,
-            ensure_channel_first=True,
-        ),
+        _load(label_key, mask_converter),
         NormalizeBinaryMaskd(keys=label_key),
         Resized(keys=label_key, spatial_size=(image_size, image_size), mode="area"),
         AsDiscreted(keys=label_key, threshold=0.5),
