@@ -126,11 +126,15 @@ class ExecutionSpec:
     visible GPU, else CPU), ``cpu`` or a list of GPU indices; with several GPUs the SSL runs fan out, one
     run per GPU. ``ddp_nproc``: > 1 launches each SSL training with ``torchrun`` on the bundle's
     ``multi_gpu_train.json`` (one large run over ``ddp_nproc`` GPUs instead of fan-out).
+    ``cpu_workers``: on CPU (no GPU selected), how many SSL runs go side by side, each a subprocess with
+    ``OMP_NUM_THREADS = max(1, cores // cpu_workers)``; small networks train faster as several one-thread
+    runs than as one run over every core. Default 1 (sequential, in this process).
     """
 
     launcher: str = "auto"
     devices: str | list[int] = "auto"
     ddp_nproc: int = 1
+    cpu_workers: int = 1
 
 
 @dataclass
@@ -330,6 +334,8 @@ def load_experiment(
         devs = execution.devices
         if not (devs in ("auto", "cpu") or (isinstance(devs, list) and all(isinstance(d, int) for d in devs))):
             errors.append(f"execution.devices: expected 'auto', 'cpu' or a list of GPU indices, got {devs!r}")
+        if not isinstance(execution.cpu_workers, int) or execution.cpu_workers < 1:
+            errors.append(f"execution.cpu_workers: expected an integer >= 1, got {execution.cpu_workers!r}")
         if not isinstance(execution.ddp_nproc, int) or execution.ddp_nproc < 1:
             errors.append(f"execution.ddp_nproc: expected an integer >= 1, got {execution.ddp_nproc!r}")
         elif execution.ddp_nproc > 1 and not Path(bundles_dir, "ssl_segmentation", "configs", "multi_gpu_train.json").is_file():

@@ -264,6 +264,21 @@ class ExperimentPipeline:
         return self._commit
 
     # -- shared pieces ------------------------------------------------------------------------------------
+    def preprocessing_cache_dir(self) -> Path:
+        """``<out>/cache/<key>``: the SSL runs' shared disk cache of decoded, resized images.
+
+        The key hashes the manifest, the preprocessing code and the MONAI version, so a change to any of
+        them starts a fresh cache instead of reusing stale tensors.
+        """
+        import monai
+
+        from qgssl_monai.experiments.config import stable_hash
+        from qgssl_monai.transforms import io as transforms_io
+
+        manifest = self.manifest.read_text() if self.manifest.is_file() else None
+        key = stable_hash({"manifest": manifest, "io": Path(transforms_io.__file__).read_text(), "monai": monai.__version__})
+        return self.out / "cache" / key[:12]
+
     def common_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {
             "dataset_dir": str(self.manifest.parent),
@@ -444,6 +459,7 @@ class ExperimentPipeline:
                 "bundle_root": str(self.bundles / "ssl_segmentation"),
                 "ckpt_dir": str(ckpt_dir),
                 "output_dir": str(eval_dir),
+                "persistent_cache_dir": str(self.preprocessing_cache_dir()),
                 **self.common_overrides(),
                 **overrides,
                 "resume": resume,
@@ -549,7 +565,7 @@ def run_experiment(
     Returns:
         0 when every selected step is done or skipped, 1 when one failed or was blocked.
     """
-    from qgssl_monai.experiments.runner import ExperimentRunner, run_subprocess_pool
+    from qgssl_monai.experiments.runner import WORKER_ENV, ExperimentRunner, run_subprocess_pool
     from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
 
     out = resolve_output(cfg, output)
@@ -561,7 +577,12 @@ def run_experiment(
     pipeline = ExperimentPipeline(cfg, out, uri, launch)
     runner = ExperimentRunner(pipeline.steps(), StepTracker(uri, cfg.name), cfg.config_hash)
     parallel = None
-    if len(gpus) > 1 and cfg.execution.ddp_nproc == 1:
+    slots: list[int | str] = list(gpus)
+    threads = None
+    if not gpus and cfg.execution.cpu_workers > 1:
+        slots = ["cpu"] * cfg.execution.cpu_workers
+        threads = max(1, (os.cpu_count() or 1) // cfg.execution.cpu_workers)
+    if len(slots) > 1 and cfg.execution.ddp_nproc == 1 and not os.environ.get(WORKER_ENV):
 
         def parallel(batch: list[Step]) -> dict[str, bool]:
             commands = {
@@ -569,7 +590,7 @@ def run_experiment(
                         "--tracking-uri", uri, "--only", s.key, "--no-report"]
                 for s in batch
             }  # fmt: skip
-            return run_subprocess_pool(commands, gpus, log_dir=out / "logs")
+            return run_subprocess_pool(commands, slots, log_dir=out / "logs", threads_per_worker=threads)
 
     decisions = runner.run(only=only, dry_run=dry_run, parallel=parallel)
     width = max((len(d.step.key) for d in decisions), default=10)

@@ -274,19 +274,25 @@ class ExperimentRunner:
         return decisions
 
 
+#: set in every pool worker's environment; ``run_experiment`` never fans out from inside a worker
+WORKER_ENV = "QGSSL_EXPERIMENT_WORKER"
+
+
 def run_subprocess_pool(
     commands: Mapping[str, Sequence[str]],
     devices: Sequence[int | str],
     env: Mapping[str, str] | None = None,
     log_dir: str | Path | None = None,
+    threads_per_worker: int | None = None,
 ) -> dict[str, bool]:
     """Run each command in a subprocess, at most one per device at a time, pinned with ``CUDA_VISIBLE_DEVICES``.
 
     Args:
         commands: ``{name: argv}``.
-        devices: GPU indices (one worker per entry).
+        devices: GPU indices (one worker per entry); an entry ``"cpu"`` is a CPU slot (GPUs hidden).
         env: base environment (default: this process's).
         log_dir: when given, each command's output goes to ``<log_dir>/<name>.log``.
+        threads_per_worker: when given, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of every subprocess.
 
     Returns:
         ``{name: exit code == 0}``.
@@ -301,7 +307,10 @@ def run_subprocess_pool(
         device = free.get()
         try:
             child_env = dict(env if env is not None else os.environ)
-            child_env["CUDA_VISIBLE_DEVICES"] = str(device)
+            child_env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else str(device)
+            child_env[WORKER_ENV] = "1"  # a worker runs its step itself, never fans out again
+            if threads_per_worker is not None:
+                child_env["OMP_NUM_THREADS"] = child_env["MKL_NUM_THREADS"] = str(threads_per_worker)
             started = time.time()
             if log_dir is not None:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
