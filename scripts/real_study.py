@@ -8,6 +8,10 @@
    SwinUNETR-2D and UNet++. Same MLflow experiment and output folder, so g and the data are reused.
 3. One report over both (every method x every network; combinations not run are left empty).
 4. ``experiments/real_cpu/kvasir_to_cvc.yaml``: the reverse direction, in its own folder.
+5. g against real predictions: the quality predictor bundle's ``evaluate.json`` scores the test-split
+   predictions of every trained AttentionUnet SSL model of each direction (true Dice vs g), written to
+   ``<direction>/quality/eval/ssl_predictions/`` (``quality_metrics.json``, ``segmentation_scores.csv``,
+   ``segmentation_scatter.png``).
 
 Rerunning the same command skips finished runs and resumes interrupted ones (the experiment runner's
 rules), so a killed study loses at most the run in progress.
@@ -52,7 +56,7 @@ def best_baseline(table_csv: Path, network: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/real_study", help="output folder (default: %(default)s)")
-    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4], default=[1, 2, 3, 4], help="steps to run")
+    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5], help="steps to run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     forward_out, reverse_out = out / "cvc2kvasir", out / "kvasir2cvc"
@@ -75,7 +79,56 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {report_experiment(combined, forward_out)}")
     if 4 in args.only:
         status |= run_experiment(load_experiment(EXPERIMENTS / "kvasir_to_cvc.yaml"), output=reverse_out)
+    if 5 in args.only:
+        for name, folder in (("cvc_to_kvasir", forward_out), ("kvasir_to_cvc", reverse_out)):
+            cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+            print(f"g on real predictions ({name}): {score_ssl_predictions(folder, cfg.networks[0], cfg.image_size, cfg.network_size)}")
     return status
+
+
+def score_ssl_predictions(out: Path, network: str, image_size: int, network_size: str) -> Path:
+    """Run the quality bundle's evaluation with every finished ``network`` SSL model as a segmentation source.
+
+    Each ``ssl/<method>/<network>/seed<k>/models/model.pt`` is linked as ``<method>_seed<k>.pt`` so the
+    per-image scores name their source. Returns the output folder.
+    """
+    from monai.bundle import run as bundle_run
+
+    models = sorted(out.glob(f"ssl/*/{network}/seed*/models/model.pt"))
+    if not models:
+        raise SystemExit(f"{out}: no trained {network} models; run the study first")
+    links = out / "quality" / "eval" / "ssl_models"
+    links.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for model in models:
+        method, seed = model.parents[2].parent.name, model.parents[1].name
+        link = links / f"{method}_{seed}.pt"
+        link.unlink(missing_ok=True)
+        link.symlink_to(model)
+        sources.append(str(link))
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "quality_predictor"
+    result = out / "quality" / "eval" / "ssl_predictions"
+    bundle_run(
+        config_file=str(bundle / "configs" / "evaluate.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        bundle_root=str(bundle),
+        ckpt_path=str(out / "quality" / "models" / "model.pt"),
+        manifest=str(out / "data" / "manifest.json"),
+        output_dir=str(result),
+        image_size=image_size,
+        device="$torch.device('cpu')",
+        samples_per_image=2,
+        seg_checkpoints=sources,
+        seg_network_def={
+            "_target_": "qgssl_monai.networks.segmentation.build_segmentation_network",
+            "name": network,
+            "size": network_size,
+            "in_channels": 3,
+            "out_channels": 1,
+            "spatial_dims": 2,
+        },
+    )
+    return result
 
 
 if __name__ == "__main__":
