@@ -12,6 +12,8 @@
    predictions of every trained AttentionUnet SSL model of each direction (true Dice vs g), written to
    ``<direction>/quality/eval/ssl_predictions/`` (``quality_metrics.json``, ``segmentation_scores.csv``,
    ``segmentation_scatter.png``).
+6. Wall time of every finished step (median per kind, method and network, from MLflow start/end times),
+   written to ``<out>/timings.md``.
 
 Rerunning the same command skips finished runs and resumes interrupted ones (the experiment runner's
 rules), so a killed study loses at most the run in progress.
@@ -56,7 +58,7 @@ def best_baseline(table_csv: Path, network: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/real_study", help="output folder (default: %(default)s)")
-    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5], help="steps to run")
+    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4, 5, 6], default=[1, 2, 3, 4, 5, 6], help="steps to run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     forward_out, reverse_out = out / "cvc2kvasir", out / "kvasir2cvc"
@@ -83,7 +85,51 @@ def main(argv: list[str] | None = None) -> int:
         for name, folder in (("cvc_to_kvasir", forward_out), ("kvasir_to_cvc", reverse_out)):
             cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
             print(f"g on real predictions ({name}): {score_ssl_predictions(folder, cfg.networks[0], cfg.image_size, cfg.network_size)}")
+    if 6 in args.only:
+        sections = []
+        for name, folder in (("cvc_to_kvasir", forward_out), ("kvasir_to_cvc", reverse_out)):
+            cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+            sections.append(f"## {name}\n\n{timing_table(folder / 'mlflow.db', cfg.name)}")
+        (out / "timings.md").write_text("# Wall time per step (median over seeds, minutes)\n\n" + "\n\n".join(sections) + "\n")
+        print((out / "timings.md").read_text())
     return status
+
+
+def timing_table(db: Path, experiment_name: str) -> str:
+    """Markdown table: median and max wall minutes of the FINISHED runs per step kind, method and network."""
+    import mlflow
+    import pandas as pd
+
+    from qgssl_monai.experiments.tracking import TAG_EXPERIMENT, TAG_KIND, TAG_STEP
+
+    if not db.is_file():
+        return "(no runs)"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return "(no runs)"
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.{TAG_EXPERIMENT} = '{experiment_name}' and attributes.status = 'FINISHED'", max_results=5000
+    )
+    rows = []
+    for run in runs:
+        key = run.data.tags.get(TAG_STEP, "")
+        parts = key.split(":")  # ssl:<method>:<network>:<seed> or quality:<stage> / data:prepare
+        if run.info.end_time is None:
+            continue
+        rows.append({
+            "kind": run.data.tags.get(TAG_KIND, parts[0]),
+            "step": ":".join(parts[:3]) if parts[0] == "ssl" else key,
+            "minutes": (run.info.end_time - run.info.start_time) / 60000,
+        })  # fmt: skip
+    if not rows:
+        return "(no runs)"
+    table = pd.DataFrame(rows).groupby(["kind", "step"])["minutes"].agg(["count", "median", "max"]).reset_index()
+    lines = ["| step | runs | median | max |", "|---|---|---|---|"]
+    lines += [f"| {r.step} | {r.count} | {r.median:.2f} | {r.max:.2f} |" for r in table.itertuples()]
+    total = pd.DataFrame(rows)["minutes"].sum()
+    lines.append(f"| **all steps (sum)** | {len(rows)} | | {total:.1f} |")
+    return "\n".join(lines)
 
 
 def score_ssl_predictions(out: Path, network: str, image_size: int, network_size: str) -> Path:
