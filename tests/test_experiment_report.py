@@ -14,6 +14,7 @@ from scipy import stats
 from qgssl_monai.experiments.report import (
     PER_IMAGE_ARTIFACT,
     QUALITY_ARTIFACT,
+    RunResult,
     first_epoch_reaching,
     improvements,
     load_quality_predictions,
@@ -156,3 +157,21 @@ def test_report_renders_html_and_valid_pngs(tracked: tuple[str, Path]) -> None:
     assert conv.loc["mt_qw", "e_val_mean"] == 2.0 and conv.loc["sup", "e_val_mean"] == 3.0
     for name in ("table1.md", "table1.csv", "table1.tex", "improvements.csv"):
         assert (out / "report" / name).stat().st_size > 0
+
+
+def test_reduced_method_set_on_a_second_network_compares_with_the_best_baseline() -> None:
+    # net "a" ran everything; net "b" only sup, mt, pl_qw and qar (as in the real-data study)
+    dice = {("sup", "a"): 0.50, ("pl_t", "a"): 0.40, ("pl_qw", "a"): 0.45, ("mt", "a"): 0.52, ("qar", "a"): 0.49,
+            ("sup", "b"): 0.60, ("mt", "b"): 0.55, ("pl_qw", "b"): 0.58, ("qar", "b"): 0.61}  # fmt: skip
+    results = []
+    for (method, network), base in dice.items():
+        for seed in range(2):
+            per_image = pd.DataFrame({"image": [f"i{k}" for k in range(4)], "dsc": [base + 0.01 * k + 0.001 * seed for k in range(4)]})
+            results.append(
+                RunResult(method, network, seed, f"{method}{network}{seed}", {"dsc_mean": float(per_image.dsc.mean())}, per_image)
+            )
+    table = improvements(results, ["sup", "pl_t", "pl_qw", "mt", "qar"], ["a", "b"], "wilcoxon")
+    rows = {(r.comparison, r.network): r for r in table.itertuples()}
+    assert set(rows) == {("pl_qw vs pl_t", "a"), ("qar vs mt", "a"), ("pl_qw vs sup", "b"), ("qar vs sup", "b")}
+    assert rows[("pl_qw vs sup", "b")].delta_dsc == pytest.approx(0.58 - 0.60)
+    assert rows[("qar vs mt", "a")].n_pairs == 8

@@ -182,6 +182,8 @@ def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path, tracking_uri:
     (again,) = tracker.step_runs("train")
     assert again.info.run_id == train_run.info.run_id and again.info.status == "FINISHED"
     assert tracker.metric_history(again.info.run_id, "val") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    # metric_history keeps the last value of a repeated step; the raw history shows none was logged twice
+    assert sorted(m.step for m in tracker.client.get_metric_history(again.info.run_id, "val")) == [1, 2, 3, 4]
 
 
 def test_subprocess_pool_pins_one_run_per_device(tmp_path: Path) -> None:

@@ -103,3 +103,69 @@ def test_validation_progress_state_round_trip(tmp_path: Path) -> None:
     assert (target.early_stop._handler.counter, target.early_stop._handler.best_score) == (4, 0.625)
     assert [(i.priority, i.filename) for i in target.best_saver._key_metric_checkpoint._saved] == [(0.625, "model.pt")]
     assert (target.evaluator.state.best_metric, target.evaluator.state.best_metric_epoch) == (0.625, 3)
+
+
+
+def _train_until_sigkill(manifest: Path, out: Path, settings: dict, overrides: dict) -> None:
+    """Child process body: train, SIGKILL itself right after iteration 5 was logged (mid-epoch 2)."""
+    import os
+    import signal
+
+    workflow = make_workflow(config_files("method/mt"), manifest, out, tracking=settings, **overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    # registered after the MLflow handler: iteration 5 is logged, then the process dies without any cleanup
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=5), lambda engine: os.kill(os.getpid(), signal.SIGKILL))
+    workflow.run()
+
+
+def test_sigkill_mid_epoch_then_resume_logs_once_and_leaves_clean_checkpoints(demo_manifest: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """SIGKILL at iteration 5 (epoch 2 of 3-step epochs), then ``--resume true`` in the same MLflow run."""
+    import multiprocessing
+    import signal
+
+    import mlflow
+
+    from qgssl_monai.handlers.tracking import resilient_mlflow_settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = {"tracking_uri": uri, "experiment_name": "sigkill", "run_name": "mt_seed5"}
+    settings = resilient_mlflow_settings(**names)
+    overrides = {**RESUME_SETTINGS, **names, "image_size": 32}
+    out = tmp_path / "run"
+    # a forked child: a real separate process to SIGKILL, without paying the imports again
+    child = multiprocessing.get_context("fork").Process(target=_train_until_sigkill, args=(demo_manifest, out, settings, overrides))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sigkill").experiment_id])
+    assert run.info.status == "RUNNING"  # nobody could close it
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_iteration_loss")) == [1, 2, 3, 4, 5]
+    assert latest_checkpoint(out / "models").endswith("checkpoint_epoch=1.pt")
+
+    resumed = make_workflow(config_files("method/mt"), demo_manifest, out, tracking=settings, resume=True, **overrides)
+    resumed.initialize()
+    resumed.run()
+    resumed.finalize()
+
+    (again,) = client.search_runs([client.get_experiment_by_name("sigkill").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    expected = {"train_iteration_loss": list(range(1, 7)), "lr_group_0": list(range(1, 7)), "train_loss": [1, 2],
+                "train_sup_loss": [1, 2], "val_mean_dice": [1, 2]}  # fmt: skip
+    for key in again.data.metrics:  # iterations 4-5 ran twice but are logged once; every key once per step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice: {sorted(steps)}"
+        if key in expected:
+            assert sorted(steps) == expected[key], key
+    assert set(expected) <= set(again.data.metrics)
+    models = out / "models"
+    # only finished checkpoints, no temp file of an interrupted write (the resumed saver does not prune epoch 1)
+    assert {p.name for p in models.iterdir()} <= {"checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"}
+    assert latest_checkpoint(models).endswith("checkpoint_epoch=2.pt") and (models / "model.pt").is_file()
+    for path in models.glob("*.pt"):
+        torch.load(path, weights_only=True)  # complete and loadable without unpickling code
+    assert torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 6
+    assert list((out / "eval").glob("mlflow_unsent_*")) == []

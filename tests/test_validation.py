@@ -271,3 +271,39 @@ def test_demo_data_cli_forwards_options(tmp_path: Path, monkeypatch: pytest.Monk
     assert qgssl_main(["demo-data", "--out", out, "--seed", "3", "--size", "32", "--n-labeled", "4"]) == 0
     assert calls == [(out, 3, {"n_labeled": 4, "image_size": 32})]
     assert f"manifest {out}/manifest.json" in capsys.readouterr().out
+
+
+def _bundle_manifest_check(bundle: str, manifest: Path):
+    """Both bundles validate the manifest in ``initialize``; a ConfigWorkflow of ``train.json`` on ``manifest``."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs"
+    workflow = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
+                              workflow_type="train", logging_file=False, bundle_root=str(manifest.parent / bundle),
+                              manifest=str(manifest), dataset_dir=str(manifest.parent), device="cpu")  # fmt: skip
+    entries = workflow.parser.get("initialize")
+    (index,) = [i for i, entry in enumerate(entries) if "assert_valid_manifest" in str(entry)]
+    return workflow, f"initialize#{index}"
+
+
+@pytest.mark.parametrize("bundle", ["ssl_segmentation", "quality_predictor"])
+def test_both_bundles_refuse_bad_manifest_up_front_and_accept_skip_bad_output(
+    bundle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, expected = _broken_manifest(tmp_path)
+    workflow, _ = _bundle_manifest_check(bundle, manifest)
+    with pytest.raises(RuntimeError) as raised:  # what `monai.bundle run` does first
+        workflow.initialize()
+    cause = raised.value.__cause__
+    assert isinstance(cause, ManifestError)
+    message = str(cause)
+    assert "11 problem(s) in 11 entries" in message and "--skip-bad" in message
+    for name, problem in expected.items():  # every bad entry listed, with its file and what is wrong
+        assert f"{name}: {problem}" in message, name
+    assert not (tmp_path / bundle / "models").exists()  # refused before anything was trained or written
+
+    assert qgssl_main(["validate-manifest", str(manifest), "--skip-bad", "--quiet"]) == 0
+    clean, skipped = tmp_path / "manifest.clean.json", tmp_path / "manifest.clean.skipped.json"
+    assert f"wrote cleaned manifest {clean} without 11 bad entries (listed in {skipped})" in capsys.readouterr().out
+    workflow, check = _bundle_manifest_check(bundle, clean)
+    assert workflow.parser.get_parsed_content(check).ok  # the bundle's own up-front check passes the cleaned manifest

@@ -22,7 +22,6 @@ best checkpoint, the args file and the experiment params.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -209,16 +208,16 @@ def prepare_manifest(cfg: ExperimentConfig, out_file: Path) -> dict[str, Any]:
 
 
 def _tracking_settings(tracking_uri: str, experiment_name: str, run_name: str) -> dict[str, Any]:
-    """MONAI's default MLflow settings aimed at one run, which the runner (not the handler) finishes."""
-    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+    """MONAI's default MLflow settings aimed at one run, which the runner (not the handler) finishes.
 
-    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
-    configs = settings["configs"]
-    configs.update(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name)
-    configs["trainer"]["close_on_complete"] = False
-    configs["trainer"]["iteration_log"] = False  # epoch means are enough, and keep SQLite writes few
-    configs["evaluator"]["close_on_complete"] = False
-    return settings
+    The handlers are ``ResilientMLFlowHandler``: a tracking server going away mid-run costs one bounded failed
+    request per 30 s and a warning; the values are buffered and sent when it is back (or spilled to the step's
+    ``eval`` folder at the end).
+    """
+    from qgssl_monai.handlers.tracking import resilient_mlflow_settings
+
+    # epoch means are enough (iteration_log off), and keep SQLite writes few
+    return resilient_mlflow_settings(tracking_uri, experiment_name, run_name, close_on_complete=False, iteration_log=False)
 
 
 def _merged_config_values(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any], ids: Mapping[str, str]) -> dict[str, Any]:
@@ -584,13 +583,15 @@ def run_experiment(
         threads = max(1, (os.cpu_count() or 1) // cfg.execution.cpu_workers)
     if len(slots) > 1 and cfg.execution.ddp_nproc == 1 and not os.environ.get(WORKER_ENV):
 
-        def parallel(batch: list[Step]) -> dict[str, bool]:
+        def fan_out(batch: list[Step]) -> dict[str, bool]:
             commands = {
                 s.key: [sys.executable, "-m", "qgssl_monai.cli", "experiment", "run", str(resolved), "--output", str(out),
                         "--tracking-uri", uri, "--only", s.key, "--no-report"]
                 for s in batch
             }  # fmt: skip
             return run_subprocess_pool(commands, slots, log_dir=out / "logs", threads_per_worker=threads)
+
+        parallel = fan_out
 
     decisions = runner.run(only=only, dry_run=dry_run, parallel=parallel)
     width = max((len(d.step.key) for d in decisions), default=10)

@@ -318,17 +318,25 @@ def improvements(
 ) -> pd.DataFrame:
     """Every ``*_qw`` vs its base and QAR vs the best non-quality-guided method, per network.
 
-    ``delta_dsc`` = difference of the seed-mean test DSC (the Table 1 numbers); the paired test is over
-    per-image DSC (:func:`paired_test`).
+    Only methods with results on a network are compared there; a ``*_qw`` whose base was not run on that
+    network (e.g. a reduced method set on a second network) is compared with the best method without
+    quality guidance instead, like QAR. ``delta_dsc`` = difference of the seed-mean test DSC (the Table 1
+    numbers); the paired test is over per-image DSC (:func:`paired_test`).
     """
     table = summary_table(results, methods, networks)
     dsc = {(r.method, r.network): r.mean for r in table[table.metric == "dsc"].itertuples()}
     rows = []
     for network in networks:
-        pairs = [(m, base_of_qw(m)) for m in method_order(methods) if base_of_qw(m) in methods]
-        baselines = [m for m in methods if not is_quality_guided(m) and math.isfinite(dsc.get((m, network), math.nan))]
-        if "qar" in methods and baselines:
-            pairs.append(("qar", max(baselines, key=lambda m: dsc[(m, network)])))
+        ran = [m for m in method_order(methods) if math.isfinite(dsc.get((m, network), math.nan))]
+        baselines = [m for m in ran if not is_quality_guided(m)]
+        best = max(baselines, key=lambda m: dsc[(m, network)]) if baselines else None
+        pairs = []
+        for method in ran:
+            base = base_of_qw(method)
+            if base in ran:
+                pairs.append((method, base))
+            elif (method == "qar" or base is not None) and best is not None:
+                pairs.append((method, best))
         for method, base in pairs:
             ours, theirs = dsc.get((method, network), math.nan), dsc.get((base, network), math.nan)
             stats_row = paired_test(results, method, base, network, test)

@@ -19,7 +19,10 @@ Speed: local ops run on the mask's bounding box plus the margin they can reach (
 it lies inside the mask); distance transforms (exact Euclidean) replace large structuring elements, so
 erosion/dilation cost does not grow with the radius; disks are painted as runs of pixels in one vectorised
 step (straight into the copy of the mask for holes/islands); random foreground pixels are drawn by rejection
-sampling in the bounding box; 2D ``nonzero`` is a flat scan + divmod; warp fields are float32.
+sampling in the bounding box; 2D ``nonzero`` is a flat scan + divmod; warp fields are float32. Most ops cost a few
+dozen tiny numpy calls, so call counts matter: scalar draws skip numpy's argument handling (:func:`_uniform`,
+:func:`_choice`: the same draws and values as ``rng.uniform``/``rng.choice``), 2 x 2 affine algebra runs on Python
+floats, ``linspace`` is spelled out, and polygon vertices are chosen among each sector's closest pixels only.
 ``benchmarks/bench_mask_generation.py --per-op`` shows where the time goes. OpenCV (``opencv-python-headless``),
 when installed, accelerates the distance transform, connected components, Gaussian smoothing, polygon filling,
 convex hulls, bounding boxes, row/column sums and boundary extraction; every op has a ``scipy``/``scikit-image``
@@ -360,16 +363,26 @@ def _resample(mask: np.ndarray, src_rows: np.ndarray, src_cols: np.ndarray) -> n
     return out & inside
 
 
-@lru_cache(maxsize=256)
+def _linspace_from_zero(stop: float, num: int) -> np.ndarray:
+    """``np.linspace(0.0, stop, num)``, the same float64 values (``arange * (stop / (num - 1))``, last point set to
+    ``stop``, as numpy computes it) at a fraction of the call overhead."""
+    points = np.arange(num, dtype=np.float64)
+    if num > 1:
+        points *= stop / (num - 1)
+        points[-1] = stop
+    return points
+
+
+@lru_cache(maxsize=1024)
 def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
     """``(n_out, n_in)`` float32 smooth (cosine) interpolation weights from ``n_in`` control points over ``n_out``
-    pixels."""
-    pos = np.linspace(0.0, n_in - 1.0, n_out)
+    pixels (crop sizes vary, so misses are frequent: built without ``np.linspace``'s Python-level overhead)."""
     weights = np.zeros((n_out, n_in), dtype=np.float32)
     if n_in == 1:
         weights[:, 0] = 1.0
     else:
-        lo = np.minimum(np.floor(pos).astype(np.intp), n_in - 2)
+        pos = _linspace_from_zero(n_in - 1.0, n_out)
+        lo = np.minimum(pos.astype(np.intp), n_in - 2)  # floor (pos >= 0)
         frac = 0.5 - 0.5 * np.cos(np.pi * (pos - lo))  # C1-smooth at control points
         rows = np.arange(n_out)
         weights[rows, lo] = 1.0 - frac
@@ -401,28 +414,46 @@ def _random_warp(mask: np.ndarray, rng: np.random.RandomState, spacing: float, a
     return _crop_apply(mask, margin, warp)
 
 
-def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """``dst = c + matrix @ (src - c) + shift`` in (row, col) coordinates, nearest neighbour, outside -> False."""
-    box = _bbox(mask)
+def _affine_about_centroid(
+    mask: np.ndarray,
+    matrix: tuple[float, float, float, float],
+    shift: tuple[float, float] = (0.0, 0.0),
+    box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """``dst = c + matrix @ (src - c) + shift`` in (row, col) coordinates, nearest neighbour, outside -> False.
+
+    ``matrix``: row-major ``(m00, m01, m10, m11)``; ``box``: the known :func:`_bbox` of ``mask`` (saves a pass).
+    The 2 x 2 algebra runs on Python floats: a dozen tiny numpy calls would cost more than the warp itself.
+    """
+    box = _bbox(mask) if box is None else box
     if box is None:
         return mask.copy()
-    centre = np.array(_centroid(mask, box))
-    corners = np.array([[box[0], box[2]], [box[0], box[3]], [box[1], box[2]], [box[1], box[3]]], dtype=np.float64)
-    moved = (corners - centre) @ matrix.T + centre + np.asarray(shift)
+    centre_r, centre_c = _centroid(mask, box)
+    shift_r, shift_c = float(shift[0]), float(shift[1])
+    m00, m01, m10, m11 = (float(v) for v in matrix)
+    moved_r, moved_c = [], []
+    for row, col in ((box[0], box[2]), (box[0], box[3]), (box[1], box[2]), (box[1], box[3])):
+        d_r, d_c = row - centre_r, col - centre_c
+        moved_r.append(d_r * m00 + d_c * m01 + centre_r + shift_r)
+        moved_c.append(d_r * m10 + d_c * m11 + centre_c + shift_c)
     height, width = mask.shape
-    r0, r1 = max(int(np.floor(moved[:, 0].min())) - 2, 0), min(int(np.ceil(moved[:, 0].max())) + 2, height)
-    c0, c1 = max(int(np.floor(moved[:, 1].min())) - 2, 0), min(int(np.ceil(moved[:, 1].max())) + 2, width)
+    # the +-2 px margin absorbs rounding: the moved object always lies strictly inside the region
+    r0, r1 = max(math.floor(min(moved_r)) - 2, 0), min(math.ceil(max(moved_r)) + 2, height)
+    c0, c1 = max(math.floor(min(moved_c)) - 2, 0), min(math.ceil(max(moved_c)) + 2, width)
     out = np.zeros(mask.shape, mask.dtype)
     if r0 >= r1 or c0 >= c1:
         return out
-    det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]  # 2 x 2: closed form beats np.linalg.inv
-    inverse = np.array([[matrix[1, 1], -matrix[0, 1]], [-matrix[1, 0], matrix[0, 0]]]) / det
+    det = m00 * m11 - m01 * m10  # 2 x 2: closed form
+    i00, i01, i10, i11 = m11 / det, -m01 / det, -m10 / det, m00 / det
     if USE_OPENCV:
         # backward map of output pixel (col x, row y) of the region, in OpenCV's (x, y) order
-        offset = np.array([r0, c0]) - centre - np.asarray(shift)
-        lin = inverse[::-1, ::-1]  # (row, col) -> (x, y) ordering
-        trans = (inverse @ offset + centre)[::-1]
-        warp = np.concatenate([lin, trans[:, None]], axis=1).astype(np.float64)
+        offset_r, offset_c = r0 - centre_r - shift_r, c0 - centre_c - shift_c
+        warp = np.array(
+            [
+                [i11, i10, i10 * offset_r + i11 * offset_c + centre_c],
+                [i01, i00, i00 * offset_r + i01 * offset_c + centre_r],
+            ]
+        )
         region = cv2.warpAffine(
             np.ascontiguousarray(mask).view(np.uint8),
             warp,
@@ -433,10 +464,10 @@ def _affine_about_centroid(mask: np.ndarray, matrix: np.ndarray, shift: tuple[fl
         )
         out[r0:r1, c0:c1] = region.view(bool)
         return out
-    dr = np.arange(r0, r1, dtype=np.float64)[:, None] - centre[0] - shift[0]
-    dc = np.arange(c0, c1, dtype=np.float64)[None, :] - centre[1] - shift[1]
-    src_r = inverse[0, 0] * dr + inverse[0, 1] * dc + centre[0]
-    src_c = inverse[1, 0] * dr + inverse[1, 1] * dc + centre[1]
+    dr = np.arange(r0, r1, dtype=np.float64)[:, None] - centre_r - shift_r
+    dc = np.arange(c0, c1, dtype=np.float64)[None, :] - centre_c - shift_c
+    src_r = i00 * dr + i01 * dc + centre_r
+    src_c = i10 * dr + i11 * dc + centre_c
     out[r0:r1, c0:c1] = _resample(mask, src_r, src_c)
     return out
 
@@ -558,7 +589,7 @@ def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5)
     if box is None:
         return mask.copy()
     vertices = max(int(vertices), 3)
-    offset = rng.uniform(0.0, 2.0 * np.pi)
+    offset = _uniform(rng, 0.0, 2.0 * np.pi)
     crop = mask[box[0] : box[1], box[2] : box[3]]
     rows, cols = _nonzero(_inner_boundary(crop))
     rows, cols = rows + box[0], cols + box[2]
@@ -569,8 +600,15 @@ def polygon_fit(mask: np.ndarray, rng: np.random.RandomState, vertices: int = 5)
     relative = np.mod(np.arctan2(dr, dc) - offset + step / 2.0, 2.0 * np.pi)
     sector = np.minimum((relative / step).astype(np.intp), vertices - 1)
     off_direction = np.abs(relative - (sector + 0.5) * step)
-    order = np.lexsort((-(dr * dr + dc * dc), off_direction, sector))
-    first_of_sector = order[np.r_[True, sector[order][1:] != sector[order][:-1]]]
+    # only pixels at their sector's smallest angular offset can win: keep those (usually one or two per sector) and
+    # break ties as before (farthest first, then scan order) with a lexsort of the few survivors
+    closest = np.full(vertices, np.inf)
+    np.minimum.at(closest, sector, off_direction)
+    candidates = np.flatnonzero(off_direction == closest[sector])
+    dr, dc, sector = dr[candidates], dc[candidates], sector[candidates]
+    survivor_order = np.lexsort((-(dr * dr + dc * dc), sector))
+    sorted_sector = sector[survivor_order]
+    first_of_sector = candidates[survivor_order[np.concatenate(([True], sorted_sector[1:] != sorted_sector[:-1]))]]
     if first_of_sector.size < 3:  # tiny or degenerate object: keep it
         return mask.copy()
     return _fill_polygon(mask.shape, rows[first_of_sector].astype(np.float64), cols[first_of_sector].astype(np.float64))
@@ -637,7 +675,7 @@ def grid_distortion(mask: np.ndarray, rng: np.random.RandomState, steps: int = 5
     def axis_map(n: int) -> np.ndarray:
         widths = 1.0 + rng.uniform(-limit, limit, size=steps)
         edges_dst = np.concatenate([[0.0], np.cumsum(widths)]) / widths.sum() * (n - 1)
-        edges_src = np.linspace(0.0, n - 1.0, steps + 1)
+        edges_src = _linspace_from_zero(n - 1.0, steps + 1)
         return np.clip(np.rint(np.interp(np.arange(n), edges_dst, edges_src)), 0, n - 1).astype(np.intp)
 
     rows, cols = axis_map(mask.shape[0]), axis_map(mask.shape[1])
@@ -730,9 +768,12 @@ def dropout(mask: np.ndarray, rng: np.random.RandomState, height: float = 0.3, w
 # ----------------------------------------------------------------------------------------------
 # geometric transforms
 # ----------------------------------------------------------------------------------------------
-def translation_pixels(mask: np.ndarray, shift_y: float, shift_x: float) -> tuple[int, int]:
-    """Integer ``(rows, cols)`` offset used by :func:`translate` (fractions of the bbox height/width)."""
-    box = _bbox(mask)
+def translation_pixels(
+    mask: np.ndarray, shift_y: float, shift_x: float, box: tuple[int, int, int, int] | None = None
+) -> tuple[int, int]:
+    """Integer ``(rows, cols)`` offset used by :func:`translate` (fractions of the bbox height/width; ``box``: the
+    known :func:`_bbox` of ``mask``)."""
+    box = _bbox(mask) if box is None else box
     if box is None:
         return 0, 0
     return int(np.rint(shift_y * (box[1] - box[0]))), int(np.rint(shift_x * (box[3] - box[2])))
@@ -754,13 +795,14 @@ def translate(mask: np.ndarray, rng: np.random.RandomState, shift_y: float = 0.2
 
 def scale(mask: np.ndarray, rng: np.random.RandomState, factor: float = 1.2) -> np.ndarray:
     """Isotropic scaling by ``factor`` about the centroid."""
-    return _affine_about_centroid(mask, np.eye(2) * factor)
+    return _affine_about_centroid(mask, (factor, 0.0, 0.0, factor))
 
 
 def rotate(mask: np.ndarray, rng: np.random.RandomState, angle: float = 30.0) -> np.ndarray:
     """Rotation by ``angle`` degrees about the centroid."""
     t = np.deg2rad(angle)
-    return _affine_about_centroid(mask, np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]))
+    cos, sin = float(np.cos(t)), float(np.sin(t))  # numpy's cos/sin: the same values as before (not math's)
+    return _affine_about_centroid(mask, (cos, -sin, sin, cos))
 
 
 def random_affine(
@@ -778,7 +820,8 @@ def random_affine(
     t = np.deg2rad(angle)
     rotation = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
     matrix = rotation @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([scale_y, scale_x])
-    return _affine_about_centroid(mask, matrix, translation_pixels(mask, shift_y, shift_x))
+    box = _bbox(mask)
+    return _affine_about_centroid(mask, matrix.ravel().tolist(), translation_pixels(mask, shift_y, shift_x, box), box)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,7 +859,7 @@ def _blob_centre(mask: np.ndarray, rng: np.random.RandomState, at_centroid: bool
         return _centroid(mask)
     height, width = mask.shape
     reach = min(reach, (height - 1) / 2.0, (width - 1) / 2.0)
-    return float(rng.uniform(reach, height - 1 - reach)), float(rng.uniform(reach, width - 1 - reach))
+    return float(_uniform(rng, reach, height - 1 - reach)), float(_uniform(rng, reach, width - 1 - reach))
 
 
 def gaussian_blob(
@@ -829,7 +872,7 @@ def gaussian_blob(
         return mask.copy()
     minor = np.sqrt(area / (np.pi * aspect))
     centre = _blob_centre(mask, rng, at_centroid, minor * aspect)
-    return _fill_ellipse(mask.shape, centre, (minor * aspect, minor), rng.uniform(0.0, np.pi))
+    return _fill_ellipse(mask.shape, centre, (minor * aspect, minor), _uniform(rng, 0.0, np.pi))
 
 
 def disk_blob(mask: np.ndarray, rng: np.random.RandomState, at_centroid: bool = True) -> np.ndarray:
@@ -861,6 +904,17 @@ class MaskOp:
     sample_params: Callable[[np.random.RandomState, str], dict[str, Any]]
 
 
+def _uniform(rng: np.random.RandomState, low: float, high: float) -> float:
+    """``rng.uniform(low, high)`` for scalar bounds: the same single draw and the same value (``low + (high - low) * u``,
+    as numpy computes it), without numpy's argument handling, which costs several times the draw itself."""
+    return low + (high - low) * rng.random_sample()
+
+
+def _choice(rng: np.random.RandomState, options: tuple[Any, ...]) -> Any:
+    """``rng.choice(options)`` (uniform, one draw): numpy's legacy ``choice`` draws exactly ``randint(len(options))``."""
+    return options[rng.randint(len(options))]
+
+
 def _pick(strength: str, mild: tuple[float, float], heavy: tuple[float, float]) -> tuple[float, float]:
     if strength not in STRENGTHS:
         raise ValueError(f"strength must be one of {STRENGTHS}, got {strength!r}.")
@@ -874,95 +928,95 @@ def _no_params(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
 
 def _uniform_param(name: str, mild: tuple[float, float], heavy: tuple[float, float]):
     def sample(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
-        return {name: float(rng.uniform(*_pick(strength, mild, heavy)))}
+        return {name: _uniform(rng, *_pick(strength, mild, heavy))}
 
     return sample
 
 
 def _sample_polygon(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     _pick(strength, (0, 0), (0, 0))
-    return {"vertices": int(rng.choice([3, 5, 8] if strength == "mild" else [3, 3, 5]))}
+    return {"vertices": _choice(rng, (3, 5, 8) if strength == "mild" else (3, 3, 5))}
 
 
 def _sample_ellipse(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.85, 1.15), (0.6, 1.5))
-    return {"scale": float(rng.uniform(low, high))}
+    return {"scale": _uniform(rng, low, high)}
 
 
 def _sample_jagged(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.008, 0.02), (0.02, 0.04))
-    return {"amplitude": float(rng.uniform(low, high)), "wavelength": float(rng.uniform(0.02, 0.05))}
+    return {"amplitude": _uniform(rng, low, high), "wavelength": _uniform(rng, 0.02, 0.05)}
 
 
 def _sample_elastic(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.02, 0.06), (0.06, 0.14))
-    return {"amplitude": float(rng.uniform(low, high)), "spacing": float(rng.uniform(0.15, 0.35))}
+    return {"amplitude": _uniform(rng, low, high), "spacing": _uniform(rng, 0.15, 0.35)}
 
 
 def _sample_grid(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.1, 0.3), (0.3, 0.6))
-    return {"steps": int(rng.randint(3, 8)), "limit": float(rng.uniform(low, high))}
+    return {"steps": int(rng.randint(3, 8)), "limit": _uniform(rng, low, high)}
 
 
 def _sample_boundary_noise(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.005, 0.02), (0.02, 0.05))
-    return {"band": float(rng.uniform(low, high)), "flip_prob": float(rng.uniform(0.2, 0.5))}
+    return {"band": _uniform(rng, low, high), "flip_prob": _uniform(rng, 0.2, 0.5)}
 
 
 def _sample_disks(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.01, 0.04), (0.04, 0.08))
     counts = (1, 4) if strength == "mild" else (3, 8)
-    return {"count": int(rng.randint(counts[0], counts[1] + 1)), "radius": float(rng.uniform(low, high))}
+    return {"count": int(rng.randint(counts[0], counts[1] + 1)), "radius": _uniform(rng, low, high)}
 
 
 def _sample_dropout(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.15, 0.4), (0.4, 0.8))
-    return {"height": float(rng.uniform(low, high)), "width": float(rng.uniform(low, high))}
+    return {"height": _uniform(rng, low, high), "width": _uniform(rng, low, high)}
 
 
 def _sample_translate(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.1, 0.4), (0.3, 0.8))
-    magnitude, direction = rng.uniform(low, high), rng.uniform(0.0, 2.0 * np.pi)
+    magnitude, direction = _uniform(rng, low, high), _uniform(rng, 0.0, 2.0 * np.pi)
     return {"shift_y": float(magnitude * np.sin(direction)), "shift_x": float(magnitude * np.cos(direction))}
 
 
 def _sample_scale(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (0.1, 0.35), (0.5, 1.4))
-    change = rng.uniform(low, high)
-    return {"factor": float(1.0 + change if rng.rand() < 0.5 else 1.0 / (1.0 + change))}
+    change = _uniform(rng, low, high)
+    return {"factor": float(1.0 + change if rng.random_sample() < 0.5 else 1.0 / (1.0 + change))}
 
 
 def _sample_rotate(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     low, high = _pick(strength, (10.0, 45.0), (45.0, 180.0))
-    return {"angle": float(rng.uniform(low, high) * rng.choice([-1.0, 1.0]))}
+    return {"angle": float(_uniform(rng, low, high) * _choice(rng, (-1.0, 1.0)))}
 
 
 def _sample_affine(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     k = 1.0 if strength == "mild" else 2.5
     _pick(strength, (0, 0), (0, 0))
     return {
-        "angle": float(rng.uniform(-20.0, 20.0) * k),
-        "scale_y": float(np.exp(rng.uniform(-0.15, 0.15) * k)),
-        "scale_x": float(np.exp(rng.uniform(-0.15, 0.15) * k)),
-        "shear": float(rng.uniform(-0.15, 0.15) * k),
-        "shift_y": float(rng.uniform(-0.1, 0.1) * k),
-        "shift_x": float(rng.uniform(-0.1, 0.1) * k),
+        "angle": float(_uniform(rng, -20.0, 20.0) * k),
+        "scale_y": float(np.exp(_uniform(rng, -0.15, 0.15) * k)),
+        "scale_x": float(np.exp(_uniform(rng, -0.15, 0.15) * k)),
+        "shear": float(_uniform(rng, -0.15, 0.15) * k),
+        "shift_y": float(_uniform(rng, -0.1, 0.1) * k),
+        "shift_x": float(_uniform(rng, -0.1, 0.1) * k),
     }
 
 
 def _sample_noise(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     _pick(strength, (0, 0), (0, 0))
-    return {"fill": float(rng.uniform(0.05, 0.5)), "grain": float(rng.uniform(0.03, 0.3))}
+    return {"fill": _uniform(rng, 0.05, 0.5), "grain": _uniform(rng, 0.03, 0.3)}
 
 
 def _sample_gaussian_blob(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     _pick(strength, (0, 0), (0, 0))
-    return {"aspect": float(rng.uniform(1.0, 3.0)), "at_centroid": bool(rng.rand() < 0.75)}
+    return {"aspect": _uniform(rng, 1.0, 3.0), "at_centroid": bool(rng.random_sample() < 0.75)}
 
 
 def _sample_disk_blob(rng: np.random.RandomState, strength: str) -> dict[str, Any]:
     _pick(strength, (0, 0), (0, 0))
-    return {"at_centroid": bool(rng.rand() < 0.75)}
+    return {"at_centroid": bool(rng.random_sample() < 0.75)}
 
 
 #: name -> :class:`MaskOp`; extend with :func:`register_mask_op`

@@ -250,11 +250,17 @@ class RandMaskCorruption(RandomizableTransform):
 
     # -- randomisation -------------------------------------------------------------------------
     def _draw_ops(self, count: int, heavy_share: float) -> list[tuple[str, dict[str, Any]]]:
-        # weighted sampling without replacement (Gumbel top-k): one uniform per op, much cheaper than R.choice
-        keys = self._log_op_weights - np.log(-np.log(self.R.uniform(1e-12, 1.0, size=len(self.op_names))))
-        names = [self.op_names[i] for i in np.argsort(-keys, kind="stable")[:count]]
-        strengths = ["heavy" if u < heavy_share else "mild" for u in self.R.rand(count)]
-        return [(n, MASK_CORRUPTION_OPS[n].sample_params(self.R, st)) for n, st in zip(names, strengths)]
+        # weighted sampling without replacement (Gumbel top-k): one uniform per op, much cheaper than R.choice;
+        # U(1e-12, 1) written out as numpy computes it (same draws, same values, no argument handling), and the
+        # negated keys log(-log U) - log w sorted ascending (the same order as sorting -(log w - log(-log U)))
+        uniforms = 1e-12 + (1.0 - 1e-12) * self.R.random_sample(len(self.op_names))
+        negated_keys = np.log(-np.log(uniforms)) - self._log_op_weights
+        names = [self.op_names[i] for i in negated_keys.argsort(kind="stable")[:count].tolist()]
+        heavy = (self.R.random_sample(count) < heavy_share).tolist()
+        return [
+            (name, MASK_CORRUPTION_OPS[name].sample_params(self.R, "heavy" if is_heavy else "mild"))
+            for name, is_heavy in zip(names, heavy)
+        ]
 
     def _draw_one(self, names: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         name = names[self.R.randint(len(names))]
