@@ -43,6 +43,9 @@ import monai
 import torch
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import finish  # noqa: E402
+
 from qgssl_monai.losses import PerSampleDiceBCELoss
 from qgssl_monai.networks.segmentation import build_segmentation_network, count_parameters
 
@@ -350,13 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         rows = run_speed(args)
         table = format_speed_table(rows, args)
-    machine += "; at end " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"\n{machine}\n{table}")
-    result = {"machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, "table": table}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return finish(machine, args, rows, table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,9 @@ import monai
 import numpy as np
 import torch
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import finish  # noqa: E402
 
 from qgssl_monai.data.demo import generate_demo_dataset
 from qgssl_monai.data.manifest import load_split
@@ -207,13 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_line()
     rows = run(args)
     table = format_table(rows, args)
-    machine += "; at end " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"\n{machine}\n{table}")
-    result = {"machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, "table": table}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return finish(machine, args, rows, table)
 
 
 if __name__ == "__main__":

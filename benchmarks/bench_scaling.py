@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import platform
@@ -50,6 +49,9 @@ import torch
 from ignite.engine import Events
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import finish  # noqa: E402
 
 from qgssl_monai.data.cache import build_cached_dataset
 from qgssl_monai.data.demo import generate_demo_dataset
@@ -296,14 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 file=sys.stderr, flush=True,
             )  # fmt: skip
     table = format_table(rows, args)
-    machine += "; at end " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"\n{machine}\n{table}")
-    result = {"machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "json"}}
-    result.update(rows=rows, table=table)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return finish(machine, args, rows, table)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from qgssl_monai.segmentation.training import CHECKPOINT_PATTERN
+from qgssl_monai.segmentation.training import CHECKPOINT_PATTERN, latest_checkpoint
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "DEFAULT_LOSS_KEYS"]
 
@@ -59,16 +59,11 @@ def last_good_checkpoint(checkpoint_dir: str | os.PathLike | None) -> str:
     if checkpoint_dir is None:
         return "no checkpoint folder configured"
     folder = Path(checkpoint_dir)
-    epochs = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = CHECKPOINT_PATTERN.match(path.name)
-            if match:
-                epochs.append((int(match.group(1)), path))
     parts = []
-    if epochs:
-        epoch, path = max(epochs)
-        parts.append(f"{path} (epoch {epoch}; resume with --resume true)")
+    latest = latest_checkpoint(folder, required=False)
+    if latest is not None:
+        epoch = int(CHECKPOINT_PATTERN.match(Path(latest).name).group(1))
+        parts.append(f"{latest} (epoch {epoch}; resume with --resume true)")
     if (folder / "model.pt").is_file():
         parts.append(f"best weights {folder / 'model.pt'}")
     return "; ".join(parts) if parts else f"none yet in {folder}"
