@@ -1,6 +1,6 @@
 """How SSL training cost scales with image size and unlabeled-set size: time per epoch, cache fill, peak RSS.
 
-Every configuration runs in a fresh child process (forked from the import-only parent, so peak memory does
+Every configuration runs in a fresh child process (a new interpreter, so peak memory does
 not accumulate across configurations) that builds what the ``ssl_segmentation`` bundle builds, without its
 validation/checkpoint handlers:
 
@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
+import json
+import subprocess
 import os
 import platform
 import resource
@@ -39,8 +40,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -193,34 +192,18 @@ def run_configuration(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child(spec: dict[str, Any], connection: Connection) -> None:
-    try:
-        connection.send({"ok": run_configuration(spec)})
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it with the configuration
-        connection.send({"error": traceback.format_exc()})
-    finally:
-        connection.close()
-
-
 def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run :func:`run_configuration` in a fresh child process; raises with the child's traceback if it fails.
+    """Run :func:`run_configuration` in a fresh interpreter (``--child-spec``); raises with its output if it fails.
 
-    The child is forked from this import-only parent (it skips the seconds of ``import monai``); Linux starts a
-    forked child's ``VmHWM`` at its RSS at fork time, so every configuration's peak is its own.
+    A fresh process per configuration keeps every peak RSS (``VmHWM``) its own. It is started, not forked:
+    a fork of a process whose OpenMP pool has run (any earlier torch work, e.g. under pytest) can deadlock.
     """
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(spec, sender))
-    process.start()
-    sender.close()
-    try:
-        message = receiver.recv()
-    except EOFError:
-        message = {"error": "the child process died without a result"}
-    process.join()
-    if "error" in message:
-        raise RuntimeError(f"bench_scaling configuration {spec} failed (exit {process.exitcode}):\n{message['error']}")
-    return message["ok"]
+    command = [sys.executable, str(Path(__file__).resolve()), "--child-spec", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"bench_scaling configuration {spec} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1])
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -244,7 +227,7 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{args.network} (small), batch {args.batch}+{args.batch}, epoch = {args.epoch_length} steps, median of "
         f"{args.epochs} epochs after 1 warm-up epoch, labeled set {args.labeled} images, {args.workers} loader workers;"
         "\nepoch times exclude cache filling (cache fill = labeled + unlabeled CacheDataset fill, wall s); "
-        "RSS in MiB (start = forked child after imports; peak = VmHWM of that child)",
+        "RSS in MiB (start = child process after imports; peak = VmHWM of that child)",
         f"{'method':<7}{'px':>5}{'pool':>6}{'unlab':>7}" + "".join(f"{c.replace('_', ' '):>14}" for c in COLUMNS),
     ]
     for row in rows:
@@ -271,7 +254,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-dir", type=Path, help="keep the generated demo data here (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 px, pools 1x/2x of 8 images, 2+2 batch, 2 steps")
     parser.add_argument("--json", type=Path, help="also write the rows and settings to this JSON file")
+    parser.add_argument("--child-spec", help=argparse.SUPPRESS)  # internal: run one configuration, print its row as JSON
     args = parser.parse_args(argv)
+    if args.child_spec is not None:
+        print(json.dumps(run_configuration(json.loads(args.child_spec)), default=float))
+        return {}
     if args.quick:
         args.sizes, args.multiples, args.pool_size_px, args.labeled = [32], [1, 2], 32, 8
         args.batch, args.epoch_length, args.epochs = 2, 2, 1
