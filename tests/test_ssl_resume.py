@@ -135,8 +135,8 @@ def test_sigkill_mid_epoch_then_resume_logs_once_and_leaves_clean_checkpoints(de
     settings = resilient_mlflow_settings(**names)
     overrides = {**RESUME_SETTINGS, **names, "image_size": 32}
     out = tmp_path / "run"
-    # a forked child: a real separate process to SIGKILL, without paying the imports again
-    child = multiprocessing.get_context("fork").Process(target=_train_until_sigkill, args=(demo_manifest, out, settings, overrides))
+    # a real separate process to SIGKILL; spawned, not forked: a fork after this process ran torch (OpenMP) can hang
+    child = multiprocessing.get_context("spawn").Process(target=_train_until_sigkill, args=(demo_manifest, out, settings, overrides))
     child.start()
     child.join(timeout=300)
     assert child.exitcode == -signal.SIGKILL
