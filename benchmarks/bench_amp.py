@@ -27,10 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,12 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import monai
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import finish  # noqa: E402
+from _report import autocast, finish, machine_line  # noqa: E402
 
 from qgssl_monai.losses import PerSampleDiceBCELoss
 from qgssl_monai.networks.segmentation import build_segmentation_network, count_parameters
@@ -54,27 +50,8 @@ NETWORKS = ("unet", "swinunetr", "unetpp", "attention_unet")
 PRECISIONS = ("fp32", "bf16")
 
 
-def machine_line() -> str:
-    """CPU model, cores, bf16-relevant ISA flags, library versions, torch threads and the current load average."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    bf16_isa = sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16") or ["none (no amx*, no avx512_bf16)"]
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores, bf16 ISA: {' '.join(bf16_isa)}, "
-        f"torch {torch.__version__} (cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} threads), MONAI {monai.__version__}, load average {load}"
-    )
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``"bf16"``, a no-op for ``"fp32"``."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def time_interleaved(
@@ -346,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.image_size % 32:
         parser.error(f"--image-size must be divisible by 32 (SwinUNETR), got {args.image_size}")
 
-    machine = machine_line()
+    machine = machine_line(bf16_isa=True)
     if args.accuracy:
         rows = run_accuracy(args)
         table = format_accuracy_table(rows, args)

@@ -23,9 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,13 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import finish  # noqa: E402
+from _report import autocast, finish, machine_line  # noqa: E402
 
 from qgssl_monai.data.demo import generate_demo_dataset
 from qgssl_monai.data.manifest import load_split
@@ -51,23 +47,8 @@ PRECISIONS = ("fp32", "bf16")
 COLUMNS = ("fp32_wall", "bf16_wall", "bf16_speedup", "fp32_cpu", "bf16_cpu")
 
 
-def machine_line() -> str:
-    """CPU model, cores, library versions, torch threads and the current load average."""
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        model = next(
-            (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
-            model,
-        )
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"MONAI {monai.__version__}, load average {load}"
-    )
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def timed_calls(calls: dict[str, Callable[[], object]], count: int, warmup: int, progress: tqdm) -> dict[str, dict]:

@@ -33,8 +33,6 @@ import argparse
 import contextlib
 import json
 import subprocess
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -43,14 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import monai
 import torch
 from ignite.engine import Events
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import finish  # noqa: E402
+from _report import finish, machine_line  # noqa: E402
 
 from qgssl_monai.data.cache import build_cached_dataset
 from qgssl_monai.data.demo import generate_demo_dataset
@@ -67,19 +64,6 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def machine_line() -> str:
-    """CPU model, cores, library versions, torch threads and the current load average."""
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"MONAI {monai.__version__}, load average {load}"
-    )
 
 
 def peak_rss_mb() -> float:
