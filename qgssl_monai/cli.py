@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    from qgssl_monai.experiments.bundle_main import known_notices_filtered  # stdlib only: --help stays fast
+
+    with known_notices_filtered():  # MONAI's known bundle notices, here at the entry point only
+        result = args.func(args)
     return int(result or 0)
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs MONAI Label 0.8.5 for apps/quality_checker WITHOUT replacing the CPU torch by a CUDA build.
 #
-# Default: a separate venv (.venv-label, created with --system-site-packages so it reuses the core
-# environment's torch, MONAI, ignite and qgssl_monai) holding the label stack's pins (numpy<2 for
-# pydicom-seg, pandas<3 because pandas 3 needs numpy>=2). The core environment stays on numpy 2.
+# Default: a separate venv (.venv-label) holding the label stack's pins (numpy<2 for pydicom-seg, pandas<3
+# because pandas 3 needs numpy>=2); it reuses the core environment's torch, MONAI, ignite, ... through a .pth
+# file (scripts/label_core_pth.py) that appends the core interpreter's site-packages AFTER the venv's own, so
+# the pins win. The core environment ($PYTHON, default python3: a venv or the system Python) stays on numpy 2.
+# (Not `venv --system-site-packages`: from a venv's python that exposes the BASE interpreter's packages.)
 #
 #   bash scripts/install_label.sh                 # -> .venv-label
 #   LABEL_VENV=/opt/label bash scripts/install_label.sh
@@ -18,9 +20,15 @@ PY=${PYTHON:-python3}
 LABEL_VENV=${LABEL_VENV:-.venv-label}
 
 if [ "$LABEL_VENV" != "none" ]; then
+  "$PY" -c "import torch" 2>/dev/null || {
+    echo "install_label.sh: the core environment ($PY) has no torch; run scripts/install.sh first" >&2
+    exit 1
+  }
   if [ ! -x "$LABEL_VENV/bin/python" ]; then
-    "$PY" -m venv --system-site-packages "$LABEL_VENV"
+    "$PY" -m venv "$LABEL_VENV"
   fi
+  # rewritten every time: the core environment may have moved or changed
+  "$PY" scripts/label_core_pth.py "$LABEL_VENV" >/dev/null
   PY="$LABEL_VENV/bin/python"
 fi
 

@@ -12,12 +12,13 @@ Steps, in order (keys as used by ``--only``)::
 
 Every bundle call is written to an args file (``<step dir>/bundle_args/<stage>.json``: config files,
 metadata, tracking settings, overrides) and executed with ``monai.bundle.run(args_file=...)`` in this
-process (``inprocess``), as ``python -m monai.bundle run --args_file ...`` (``subprocess``), or under
-``torchrun`` with the bundle's ``multi_gpu_train.json`` (``ddp_nproc`` > 1). The bundles' MLflow
-handlers are pointed at the step's MLflow run (tracking URI, experiment name and the step's unique run
-name as overrides; ``close_on_complete`` off, so the runner decides FINISHED); afterwards the step logs
-what the report needs: ``val_dsc`` curve, ``test_{dsc,iou,hd95,asd}_{mean,se}``, the per-image CSV, the
-best checkpoint, the args file and the experiment params.
+process (``inprocess``), as ``python -m qgssl_monai.experiments.bundle_main --args_file ...`` (``subprocess``;
+that is ``monai.bundle run`` with MONAI's known notices filtered, see ``bundle_main``), or under ``torchrun``
+with the bundle's ``multi_gpu_train.json`` (``ddp_nproc`` > 1). The bundles' MLflow handlers are pointed
+at the step's MLflow run (tracking URI, experiment name and the step's unique run name as overrides;
+``close_on_complete`` off, so the runner decides FINISHED); afterwards the step logs what the report needs:
+``val_dsc`` curve, ``test_{dsc,iou,hd95,asd}_{mean,se}``, the per-image CSV, the best checkpoint, the args
+file and the experiment params.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from qgssl_monai.experiments.bundle_main import known_notices_filtered
 from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided
 from qgssl_monai.experiments.report import PER_IMAGE_ARTIFACT, QUALITY_ARTIFACT
 from qgssl_monai.experiments.runner import Step, StepContext
@@ -99,7 +101,8 @@ class BundleCall:
             saved = {key: os.environ.get(key) for key in launch.env}
             os.environ.update(launch.env)  # MONAI's MLFlowHandler prefers MLFLOW_TRACKING_URI over its argument
             try:
-                bundle_run(args_file=str(args_path))
+                with known_notices_filtered():
+                    bundle_run(args_file=str(args_path))
             finally:
                 for key, value in saved.items():
                     if value is None:
@@ -107,11 +110,12 @@ class BundleCall:
                     else:
                         os.environ[key] = value
             return
+        # `python -m monai.bundle run --args_file` with MONAI's known notices filtered (bundle_main)
+        bundle_main = ["-m", "qgssl_monai.experiments.bundle_main", "--args_file", str(args_path)]
         if launch.ddp_nproc > 1:
-            argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.ddp_nproc}"]
-            argv += ["-m", "monai.bundle", "run", "--args_file", str(args_path)]
+            argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.ddp_nproc}", *bundle_main]
         else:
-            argv = [sys.executable, "-m", "monai.bundle", "run", "--args_file", str(args_path)]
+            argv = [sys.executable, *bundle_main]
         env = {**os.environ, **launch.env}
         code = subprocess.call(argv, env=env)
         if code != 0:

@@ -24,17 +24,20 @@ Written to ``<output>/report/``:
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import logging
 import math
+import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from qgssl_monai.experiments.config import base_of_qw, is_quality_guided
 from qgssl_monai.experiments.tracking import TAG_EXPERIMENT, TAG_KIND, TAG_STEP, TAG_STEP_HASH
@@ -100,9 +103,29 @@ def method_order(methods: Sequence[str]) -> list[str]:
     return ordered
 
 
+@contextlib.contextmanager
+def _mlflow_artifact_bars_off() -> Iterator[None]:
+    """No MLflow "Downloading artifacts" bar per file inside the block (the report draws one bar per step).
+
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` is read by MLflow at every download; it is restored afterwards.
+    """
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    name = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def _download_csv(client: Any, run_id: str, artifact: str) -> pd.DataFrame | None:
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _mlflow_artifact_bars_off():
             return pd.read_csv(client.download_artifacts(run_id, artifact, tmp))
     except Exception as err:  # missing artifact: the report shows what exists
         logger.warning("run %s has no artifact %s (%s)", run_id, artifact, err)
@@ -149,20 +172,27 @@ def _select_latest(runs: Sequence[Any], step_hashes: Mapping[str, str] | None) -
 
 
 def load_results(
-    tracking_uri: str, experiment_name: str, step_hashes: Mapping[str, str] | None = None, with_details: bool = True
+    tracking_uri: str,
+    experiment_name: str,
+    step_hashes: Mapping[str, str] | None = None,
+    with_details: bool = True,
+    progress: bool | None = None,
 ) -> list[RunResult]:
     """FINISHED SSL runs of the experiment (latest per step; only current step hashes when given).
 
     Each run must carry tags ``qgssl_method``, ``qgssl_network``, ``qgssl_seed`` (tags, not params: the
     bundle logs its own ``method`` param, e.g. ``mt-qw`` for the ``mt_qw`` overlay) and metrics ``test_dsc_mean``,
     ``test_iou_mean`` (``test_*`` metrics are all read); details are the per-image CSV artifact and the
-    ``val_dsc`` history.
+    ``val_dsc`` history. ``progress``: one tqdm bar over the runs (None: only on a terminal).
     """
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     results = []
-    for run in _select_latest(_finished_runs(tracking_uri, experiment_name, "ssl"), step_hashes):
+    runs = _select_latest(_finished_runs(tracking_uri, experiment_name, "ssl"), step_hashes)
+    # tqdm: disable=None hides the bar when stderr is not a terminal; no bar for the quick summary-only read
+    disable = True if not with_details else (None if progress is None else not progress)
+    for run in tqdm(runs, desc="reading SSL runs from MLflow", unit="run", disable=disable):
         tags, metrics = run.data.tags, run.data.metrics
         result = RunResult(
             method=tags["qgssl_method"],
