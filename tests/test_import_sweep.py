@@ -8,7 +8,10 @@ installed, i.e. in ``.venv-label``) every module of ``apps/quality_checker``.
 
 from __future__ import annotations
 
+import ast
+import configparser
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import pkgutil
@@ -88,6 +91,48 @@ def _resolve_target(name: str) -> Any:
 @pytest.mark.parametrize("module", _library_modules())
 def test_every_library_module_imports(module: str) -> None:
     assert importlib.import_module(module).__name__ == module
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared_requirements() -> set[str]:
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    names = set()
+    for line in cfg["options"]["install_requires"].splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(_canonical(re.split(r"[\s<>=!~;\[]", line, maxsplit=1)[0]))
+    return names
+
+
+def test_library_imports_are_declared_requirements() -> None:
+    """Each third-party module ``qgssl_monai`` imports comes from a distribution named in ``install_requires``
+    (not only pulled in by another package, which may stop doing so)."""
+    declared = _declared_requirements()
+    providers = importlib.metadata.packages_distributions()
+    providing = {_canonical(dist) for dists in providers.values() for dist in dists}
+    for name in sorted(declared - providing):  # a meta-package (itk): its own requirements provide the modules
+        for requirement in importlib.metadata.requires(name) or []:
+            if "extra ==" not in requirement:
+                declared.add(_canonical(re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0]))
+    undeclared = {}
+    for path in Path(qgssl_monai.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top == "qgssl_monai":
+                    continue
+                if not any(_canonical(dist) in declared for dist in providers.get(top, [])):
+                    undeclared[top] = str(path.relative_to(REPO))
+    assert not undeclared, f"imported but not in setup.cfg install_requires: {undeclared}"
 
 
 def test_sweep_covers_the_bundles() -> None:
