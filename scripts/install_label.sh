@@ -26,6 +26,8 @@ if [ "$LABEL_VENV" != "none" ]; then
   }
   if [ ! -x "$LABEL_VENV/bin/python" ]; then
     "$PY" -m venv "$LABEL_VENV"
+  elif grep -qi "include-system-site-packages *= *true" "$LABEL_VENV/pyvenv.cfg" 2>/dev/null; then
+    "$PY" -m venv --clear "$LABEL_VENV"  # made by an older version of this script: start clean
   fi
   # rewritten every time: the core environment may have moved or changed
   "$PY" scripts/label_core_pth.py "$LABEL_VENV" >/dev/null
