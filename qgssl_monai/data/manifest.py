@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from qgssl_monai.errors import ActionableError
+
 __all__ = [
     "DATA_ROOT_BASES",
     "LABELED_SPLITS",
@@ -57,7 +59,7 @@ SPLIT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
 DATA_ROOT_BASES: tuple[str, ...] = ("manifest", "repo")
 
 
-class ManifestError(ValueError):
+class ManifestError(ActionableError, ValueError):
     """A manifest (or the data it points to) is missing, malformed or inconsistent; the message names the file."""
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "ValidationReport",
     "assert_valid_manifest",
     "check_file",
+    "check_mask",
     "mask_value_problem",
     "validate_manifest",
     "write_clean_manifest",
@@ -290,6 +291,16 @@ def _format_size(size: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in size)
 
 
+def check_mask(
+    path: str | os.PathLike, image: FileCheck, *, grey_tolerance: float = 0.0, label_rule: str = "binary"
+) -> FileCheck:
+    """:func:`check_file` of a mask plus its size against its image's :class:`FileCheck` (``"size mismatch: ..."``)."""
+    mask = check_file(path, is_mask=True, grey_tolerance=grey_tolerance, label_rule=label_rule)
+    if image.size is not None and mask.size is not None and image.size != mask.size:
+        mask.problems.append(f"size mismatch: image {_format_size(image.size)}, mask {_format_size(mask.size)}")
+    return mask
+
+
 def validate_manifest(
     manifest: str | os.PathLike,
     data_root: str | os.PathLike | None = None,
@@ -360,15 +371,8 @@ def validate_manifest(
                     report.problems.append(Problem(split, index, "label", image_path, "labeled entry has no 'label'"))
                     continue
                 label_path = os.path.normpath(root / entry["label"])
-                mask = check_file(label_path, is_mask=True, grey_tolerance=grey_tolerance, label_rule=label_rule)
+                mask = check_mask(label_path, image, grey_tolerance=grey_tolerance, label_rule=label_rule)
                 report.problems += [Problem(split, index, "label", label_path, m) for m in mask.problems]
-                if image.size is not None and mask.size is not None and image.size != mask.size:
-                    report.problems.append(
-                        Problem(
-                            split, index, "label", label_path,
-                            f"size mismatch: image {_format_size(image.size)}, mask {_format_size(mask.size)}",
-                        )
-                    )  # fmt: skip
     return report
 
 
