@@ -25,6 +25,7 @@ __all__ = [
     "find_actionable",
     "install_excepthook",
     "require_checkpoint",
+    "train_g_commands",
 ]
 
 # the repository's bundles (hint commands name their configs by absolute path, so they work from any folder)
@@ -71,10 +72,11 @@ def require_checkpoint(path: str | os.PathLike, make: str | Sequence[str]) -> st
     """
     commands = [make] if isinstance(make, str) else list(make)
     fix = f"make it with: {' && '.join(commands)}" if commands else "pass the path of an existing checkpoint"
+    shown = os.path.abspath(path)
     if Path(path).is_dir():
-        raise CheckpointNotFoundError(f"checkpoint {path} is a directory, not a file; {fix}")
+        raise CheckpointNotFoundError(f"checkpoint {shown} is a directory, not a file; {fix}")
     if not Path(path).is_file():
-        raise CheckpointNotFoundError(f"checkpoint not found: {path}; {fix}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {shown}; {fix}")
     return str(path)
 
 
@@ -100,6 +102,22 @@ def bundle_command(bundle: str, config_files: str | Sequence[str], **overrides: 
             text = os.path.abspath(text)
         parts += [f"--{key}", text]
     return shlex.join(parts)
+
+
+def train_g_commands(checkpoint: str | os.PathLike, manifest: str | os.PathLike | None = None) -> list[str]:
+    """The two quality-bundle runs (weak snapshots, then g) that write g's weights to ``checkpoint``.
+
+    ``checkpoint`` in a ``models/`` folder gets that folder's parent as ``bundle_root``; elsewhere ``ckpt_dir`` is
+    set to its folder (the weights are then ``<ckpt_dir>/model.pt``). ``manifest`` defaults to the shipped
+    ``data_manifests/kvasir-seg.json``.
+    """
+    path = Path(checkpoint)
+    data = manifest if manifest not in (None, "") else BUNDLES_DIR.parent / "data_manifests" / "kvasir-seg.json"
+    if path.parent.name == "models":
+        where: dict[str, object] = {"bundle_root": path.parent.parent}
+    else:
+        where = {"bundle_root": BUNDLES_DIR / "quality_predictor", "ckpt_dir": path.parent}
+    return [bundle_command("quality_predictor", config, **where, manifest=data) for config in ("train_weak.json", "train.json")]
 
 
 def _excepthook(

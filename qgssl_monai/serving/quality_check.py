@@ -19,7 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Resize
 
-from qgssl_monai.errors import CheckpointNotFoundError, bundle_command
+from qgssl_monai.errors import CheckpointNotFoundError, train_g_commands
 from qgssl_monai.networks.quality import QualityPredictor, load_frozen_quality_predictor
 from qgssl_monai.transforms.io import get_seg_transforms
 
@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 # the bundle shipped with the repository (used when --bundle is not given)
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "quality_predictor"
-# the manifest named in the "train g" hint (any manifest works; this one ships with the repository)
-KVASIR_MANIFEST = DEFAULT_BUNDLE.parents[1] / "data_manifests" / "kvasir-seg.json"
 # settings read from the bundle's inference config (they must match training)
 _BUNDLE_SETTINGS = ("image_size", "image_channels", "backbone", "dropout")
 
@@ -65,10 +63,7 @@ class QualityChecker:
         if not checkpoint.is_file():
             raise CheckpointNotFoundError(
                 f"quality predictor checkpoint not found: {checkpoint}; train g with: "
-                + " && ".join(
-                    bundle_command("quality_predictor", config, bundle_root=DEFAULT_BUNDLE, manifest=KVASIR_MANIFEST)
-                    for config in ("train_weak.json", "train.json")
-                )
+                + " && ".join(train_g_commands(checkpoint))
             )
         self.checkpoint = checkpoint
         self.image_size = int(image_size)
