@@ -258,3 +258,38 @@ def test_missing_checkpoint_is_one_line_with_the_command_that_makes_it(workspace
     for token in errors[0].split():
         if token.endswith(".json"):
             assert Path(token).is_file(), token
+
+
+def _bundle_doc_runs(text: str) -> list[list[str]]:
+    """argv of every ``monai.bundle run`` line in a bundle model card (shell variables set in the card expanded)."""
+    variables: dict[str, str] = {}
+    runs = []
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        assignment = re.match(r"^([A-Z_]+)=(\S+)", line)
+        if assignment:
+            variables[assignment.group(1)] = assignment.group(2)
+            continue
+        if "monai.bundle run" not in line:
+            continue
+        for name, value in variables.items():
+            line = line.replace(f"${name}", value)
+        runs.append(shlex.split(line, comments=True))
+    return runs
+
+
+@pytest.mark.parametrize("bundle", ["quality_predictor", "ssl_segmentation"])
+def test_bundle_model_card_commands_name_existing_files(bundle: str) -> None:
+    """The model cards' commands run from the repository root: every config, metadata and manifest file exists."""
+    import ast
+
+    runs = _bundle_doc_runs((REPO / "bundles" / bundle / "docs" / "README.md").read_text(encoding="utf-8"))
+    assert runs
+    for argv in runs:
+        for option in ("--config_file", "--meta_file", "--manifest"):
+            if option not in argv:
+                continue
+            value = argv[argv.index(option) + 1]
+            files = ast.literal_eval(value) if value.startswith("[") else [value]
+            for name in files:
+                assert (REPO / name).is_file(), f"{' '.join(argv)}: {name} does not exist (from the repository root)"
