@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qgssl_monai.data.manifest import DATA_ROOT_BASES, SPLITS, ManifestError
 
-__all__ = ["register", "run_demo_data", "run_prepare", "run_validate_manifest"]
+__all__ = ["add_grey_tolerance_argument", "register", "run_demo_data", "run_prepare", "run_validate_manifest"]
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -119,6 +119,14 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def add_grey_tolerance_argument(parser: argparse.ArgumentParser) -> None:
+    """``--grey-tolerance`` (:func:`~qgssl_monai.data.validation.mask_value_problem`), shared by the mask checks."""
+    parser.add_argument(
+        "--grey-tolerance", type=_tolerance, default=0.0,
+        help="fraction of mask pixels allowed outside {0, max}, e.g. 0.05 for JPEG masks thresholded at load time",
+    )  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``prepare``, ``validate-manifest`` and ``demo-data`` to the ``qgssl`` sub-parsers."""
     from qgssl_monai.data.presets import PRESETS
@@ -173,10 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument("--skip-bad", action="store_true", help="write a cleaned manifest + list of skipped entries")
     validate.add_argument("--out", default=None, help="cleaned manifest path (default <manifest>.clean.json)")
     validate.add_argument("--decode-images", action="store_true", help="fully decode images, not just headers")
-    validate.add_argument(
-        "--grey-tolerance", type=_tolerance, default=0.0,
-        help="fraction of mask pixels allowed outside {0, max} (e.g. JPEG masks thresholded at load time)",
-    )  # fmt: skip
+    add_grey_tolerance_argument(validate)
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(func=run_validate_manifest)
 

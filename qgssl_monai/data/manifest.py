@@ -295,7 +295,7 @@ def record_data_root(
             the demo set's ``manifest.json``) and ``"absolute"`` otherwise.
 
     Returns:
-        ``{"data_root": posix path}`` plus ``{"data_root_base": base}`` for a relative path.
+        ``{"data_root": posix path}``, plus ``{"data_root_base": "repo"}`` for a repository-relative path.
     """
     root = Path(os.path.normpath(Path(data_root).expanduser().resolve()))
     out_dir = Path(manifest).resolve().parent
@@ -309,7 +309,9 @@ def record_data_root(
         relative = os.path.relpath(root, repo_root() if base == "repo" else out_dir)
     except ValueError:  # another drive (Windows): only an absolute path exists
         return {"data_root": root.as_posix()}
-    return {"data_root": Path(relative).as_posix(), "data_root_base": base}
+    recorded = {"data_root": Path(relative).as_posix()}
+    # "manifest" is what an absent field means: leave it out (older readers and files stay as they were)
+    return recorded if base == "manifest" else {**recorded, "data_root_base": base}
 
 
 def write_manifest(

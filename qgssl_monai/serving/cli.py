@@ -165,13 +165,13 @@ def run_quality_check(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``quality-check`` to the ``qgssl`` command line (no torch import)."""
-    from qgssl_monai.data.cli import _tolerance
+    from qgssl_monai.data.cli import add_grey_tolerance_argument
 
     looked = ", ".join(str(p) for p in default_checkpoints())
     parser = subparsers.add_parser(
         "quality-check",
         help="estimate the Dice of segmentation masks with the trained quality predictor",
-        description=__doc__.split("\n\n")[0],
+        description="Score image-mask pairs with the trained quality predictor g (estimated Dice).",
     )
     parser.add_argument("--image", help="image file (any size)")
     parser.add_argument("--mask", help="binary single-channel mask file of the image's size")
@@ -181,9 +181,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", help=f"g's weights (default: the first that exists of {looked})")
     parser.add_argument("--image-size", type=int, help="override the training image size")
     parser.add_argument("--backbone", help="override the training backbone")
-    parser.add_argument(
-        "--grey-tolerance", type=_tolerance, default=0.0,
-        help="fraction of mask pixels allowed outside {0, max}, e.g. 0.05 for JPEG masks (default 0)",
-    )  # fmt: skip
+    add_grey_tolerance_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.set_defaults(func=run_quality_check)
