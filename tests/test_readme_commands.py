@@ -259,6 +259,16 @@ def test_missing_checkpoint_is_one_line_with_the_command_that_makes_it(workspace
         if token.endswith(".json"):
             assert Path(token).is_file(), token
 
+    # a quality-guided SSL run (the README's QAR command) without g: the same one line, before any training
+    qar = next(c for c in COMMANDS if "configs/method/qar.json" in c)
+    shutil.copytree(REPO / "bundles" / "ssl_segmentation", fresh / "ssl_segmentation")
+    result = _run(fresh, "ssl_segmentation", qar, COMMANDS[qar], demo_manifest)
+    errors = [line for line in result.stderr.splitlines() if "Traceback" in line or line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: checkpoint not found: {missing}; make it with: python -m monai.bundle run")
+    assert f"--manifest {demo_manifest}" in errors[0]
+    assert not (fresh / "ssl_segmentation" / "models").exists()
+
 
 def _bundle_doc_runs(text: str) -> list[list[str]]:
     """argv of every ``monai.bundle run`` line in a bundle model card (shell variables set in the card expanded)."""
