@@ -13,16 +13,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from qgssl_monai.errors import find_actionable
+
 # module path -> the sub-commands it registers (names shown before the module is imported)
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "qgssl_monai.data.cli": ("prepare", "validate-manifest", "demo-data"),
-    "qgssl_monai.serving.quality_check": ("quality-check",),
+    "qgssl_monai.serving.cli": ("quality-check",),
     "qgssl_monai.experiments.cli": ("experiment", "demo-job"),
 }
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qgssl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="qgssl", description="qgssl-monai: quality-guided semi-supervised segmentation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
@@ -57,8 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from qgssl_monai.experiments.bundle_main import known_notices_filtered  # stdlib only: --help stays fast
 
-    with known_notices_filtered():  # MONAI's known bundle notices, here at the entry point only
-        result = args.func(args)
+    try:
+        with known_notices_filtered():  # MONAI's known bundle notices, here at the entry point only
+            result = args.func(args)
+    except Exception as err:
+        # a missing checkpoint, a bad manifest or input file: its message says what to do, no traceback
+        actionable = find_actionable(err)
+        if actionable is None:
+            raise
+        print(f"qgssl {args.command}: {actionable}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,13 @@ from monai.data import load_decathlon_datalist
 from qgssl_monai.data.manifest import (
     SPLITS,
     ManifestError,
+    describe_data_root,
     grouped_split,
     hold_out_labels,
     load_manifest,
     load_split,
     natural_key,
+    repo_root,
     resolve_data_root,
     write_manifest,
 )
@@ -111,7 +115,8 @@ def test_write_manifest_header_and_relative_paths(tmp_path: Path) -> None:
     manifest, _ = _write_example(tmp_path)
     content = json.loads(manifest.read_text())
     assert list(content)[:8] == ["name", "modality", "source", "citation", "licence", "data_root", "split_seed", "split_rule"]
-    assert content["data_root"] == "../data/set"
+    # outside the data folder the data root is recorded absolute: the manifest can be moved
+    assert content["data_root"] == (tmp_path / "data" / "set").as_posix() and "data_root_base" not in content
     assert (content["num_training"], content["num_validation"], content["num_test"], content["num_unlabeled"]) == (1, 1, 0, 1)
     assert content["training"] == [{"image": "images/a.png", "label": "masks/a.png"}]
     assert content["unlabeled"] == [{"image": "images/u.png"}]  # labels never kept in unlabeled
@@ -141,7 +146,7 @@ def test_load_split_errors_name_the_problem(tmp_path: Path) -> None:
     manifest, _ = _write_example(tmp_path)
     with pytest.raises(ManifestError, match="unknown split 'train'"):
         load_split(manifest, "train")
-    with pytest.raises(ManifestError, match="data root .*nowhere.* does not exist"):
+    with pytest.raises(ManifestError, match="data root .*nowhere.* does not exist .the --root / data_root= override"):
         load_split(manifest, "training", data_root=tmp_path / "nowhere")
     with pytest.raises(ManifestError, match="manifest not found"):
         load_split(tmp_path / "missing.json", "training")
@@ -157,6 +162,35 @@ def test_load_split_errors_name_the_problem(tmp_path: Path) -> None:
     no_image.write_text(json.dumps({"training": [{"label": "a"}]}))
     with pytest.raises(ManifestError, match=r"training\[0\] must be an object with an 'image'"):
         load_manifest(no_image)
+
+
+def test_data_root_bases_survive_moving_the_manifest(tmp_path: Path) -> None:
+    manifest, data = _write_example(tmp_path)
+    entries = load_split(manifest, "training")
+    # absolute (default outside the data folder): moving the manifest changes nothing
+    moved = tmp_path / "elsewhere" / "deep" / "m.json"
+    moved.parent.mkdir(parents=True)
+    shutil.copy(manifest, moved)
+    assert load_split(moved, "training") == entries
+    # "repo": relative to the checkout holding the package, wherever the manifest is
+    splits = {"training": [{"image": "images/a.png", "label": "masks/a.png"}]}
+    repo_relative = write_manifest(tmp_path / "r.json", splits, data_root=data, name="r", data_root_base="repo")
+    content = json.loads(repo_relative.read_text())
+    assert content["data_root_base"] == "repo"
+    assert content["data_root"] == Path(os.path.relpath(data, repo_root())).as_posix()
+    shutil.copy(repo_relative, moved)
+    assert load_split(moved, "training") == entries
+    assert "relative to the repository root" in describe_data_root(moved)
+    # "manifest": relative to its folder (what the demo set's manifest inside its data folder gets by default)
+    inside = write_manifest(data / "manifest.json", splits, data_root=data, name="in")
+    assert (json.loads(inside.read_text())["data_root"], resolve_data_root(inside)) == (".", data.resolve())
+    assert describe_data_root(inside).startswith('data_root "." relative to the manifest\'s folder')
+    content["data_root_base"] = "home"
+    moved.write_text(json.dumps(content))
+    with pytest.raises(ManifestError, match="unknown data_root_base 'home'"):
+        resolve_data_root(moved)
+    with pytest.raises(ManifestError, match="is a directory"):
+        load_manifest(tmp_path)
 
 
 def test_manifest_without_data_root_uses_its_folder(tmp_path: Path) -> None:

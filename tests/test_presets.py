@@ -86,7 +86,7 @@ def test_folders_preset_pairs_by_stem_with_mask_suffixes(tmp_path: Path) -> None
         assert Path(pair["label"]).parent == root / "masks"
         assert mask_key(Path(pair["label"]).stem) == Path(pair["image"]).stem
     content = json.loads(out.read_text())
-    assert content["data_root"] == "../set" and content["split_seed"] == 1
+    assert content["data_root"] == root.resolve().as_posix() and content["split_seed"] == 1  # absolute by default
     assert content["split_rule"] == "seeded 70:10:20 train:validation:test by image count; per image"
     assert content["training"][0]["image"].startswith("images/")
     # same seed reproduces the file byte for byte; another seed changes the split
@@ -264,7 +264,8 @@ def test_cross_source_unlabeled_root_and_labeled_fraction(tmp_path: Path) -> Non
     (unlabeled_root / "SOURCE.txt").write_text("Kvasir snapshot\n\nCC BY 4.0\n")
     out = prepare_manifest("folders", labeled_root, tmp_path / "m" / "x.json", unlabeled_roots=[unlabeled_root])
     content = json.loads(out.read_text())
-    assert content["data_root"] == "../data" and content["name"] == "folders+unlabeled-kvasir"
+    assert content["data_root"] == (tmp_path / "data").resolve().as_posix()
+    assert content["name"] == "folders+unlabeled-kvasir"
     assert content["unlabeled_sources"] == [{"path": "kvasir", "source_notes": ["Kvasir snapshot", "CC BY 4.0"]}]
     assert content["training"][0]["image"].startswith("cvc/images/")
     assert [Path(e["image"]).name for e in load_split(out, "unlabeled")] == [f"k{k}.jpg" for k in range(4)]

@@ -195,7 +195,7 @@ def test_inference_bundle_and_quality_check_cli_agree(trained_bundle: Path, demo
 
     missing = ["--bundle", str(BUNDLE), "--checkpoint", str(tmp_path / "nope.pt")]
     assert qgssl_main(["quality-check", "--image", str(tmp_path / rows[0][0]), "--mask", str(tmp_path / rows[0][1]), *missing]) == 1
-    assert "Train the bundle first" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"quality-check: checkpoint not found: {tmp_path / 'nope.pt'}; train g with:")
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ pytestmark = [
 def test_shipped_manifest_loads_with_monai_and_validates_clean(name: str, counts: tuple[int, int, int] | None) -> None:
     manifest = MANIFESTS / f"{name}.json"
     header = json.loads(manifest.read_text())
-    assert header["data_root"] == f"../../shared/data/{name}"  # relative to data_manifests/: works in a fresh clone
+    # relative to the repository root: works in any clone beside shared/, and after moving the manifest
+    assert (header["data_root"], header["data_root_base"]) == (f"../shared/data/{name}", "repo")
     assert header["licence"] and header["citation"] and header["source_notes"]
     root = resolve_data_root(manifest)
     assert root.resolve() == (DATA / name).resolve()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from qgssl_monai.cli import main as qgssl_main
-from qgssl_monai.data.manifest import ManifestError, load_split, write_manifest
+from qgssl_monai.data.manifest import ManifestError, load_split, repo_root, write_manifest
 from qgssl_monai.data.validation import (
     assert_valid_manifest,
     check_file,
@@ -156,7 +156,8 @@ def test_missing_data_root_is_one_problem(tmp_path: Path) -> None:
     manifest, _ = _broken_manifest(tmp_path)
     report = validate_manifest(manifest, data_root=tmp_path / "elsewhere")
     assert [str(p) for p in report.problems] == [
-        f"{tmp_path / 'elsewhere'}: data root folder not found (pass --root / data_root=) (data_root)"
+        f"{tmp_path / 'elsewhere'}: data root folder not found (the --root / data_root= override; "
+        "pass --root / data_root=) (data_root)"
     ]
     with pytest.raises(ManifestError, match="cannot clean"):
         write_clean_manifest(report, tmp_path / "clean.json")
@@ -233,7 +234,8 @@ def test_write_clean_manifest_drops_bad_entries(tmp_path: Path) -> None:
     clean, skipped = write_clean_manifest(report, tmp_path / "cleaned" / "clean.json")
     content = json.loads(clean.read_text())
     assert (content["num_training"], content["num_unlabeled"], content["num_skipped"]) == (1, 0, 11)
-    assert content["data_root"] == "../data" and content["cleaned_from"] == "../manifest.json"
+    # the original records an absolute data root, so does its cleaned copy
+    assert content["data_root"] == (tmp_path / "data").as_posix() and content["cleaned_from"] == "../manifest.json"
     assert validate_manifest(clean).ok
     assert load_split(clean, "training")[0]["image"] == str(tmp_path / "data" / "images" / "good.jpg")
     listed = json.loads(skipped.read_text())
@@ -257,6 +259,42 @@ def test_validate_manifest_cli_exit_codes(tmp_path: Path, capsys: pytest.Capture
     assert "manifest not found" in capsys.readouterr().err
     # --root overrides the recorded data root
     assert qgssl_main(["validate-manifest", str(clean), "--root", str(tmp_path)]) == 1
+
+
+def test_validate_manifest_says_which_data_root_it_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "moved.json"
+    manifest.write_text(json.dumps({"data_root": "../no/such/set", "data_root_base": "repo", "training": [{"image": "a.png", "label": "b.png"}]}))
+    assert qgssl_main(["validate-manifest", str(manifest), "--quiet"]) == 1
+    (line, summary) = capsys.readouterr().out.strip().splitlines()
+    missing = repo_root().parent / "no" / "such" / "set"
+    assert line == (
+        f'{missing}: data root folder not found (data_root "../no/such/set" relative to the repository root '
+        f"{repo_root()}; pass --root / data_root=) (data_root)"
+    )
+    assert qgssl_main(["validate-manifest", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"qgssl validate-manifest: manifest {tmp_path} is a directory, not a JSON file"
+
+
+def test_prepare_validates_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "set"
+    for k in range(10):
+        _save(root / "images" / f"c{k}.png", _rgb())
+        _save(root / "masks" / f"c{k}.png", _mask())
+    good = tmp_path / "good.json"
+    assert qgssl_main(["prepare", "folders", "--root", str(root), "--out", str(good)]) == 0
+    assert ": OK (7 training, 1 validation, 2 test, 0 unlabeled" in capsys.readouterr().out
+    data = (root / "images" / "c3.png").read_bytes()
+    (root / "images" / "c3.png").write_bytes(data[: len(data) // 2])  # truncated
+    _save(root / "masks" / "c5.png", np.zeros((9, 9), np.uint8))  # size mismatch
+    bad = tmp_path / "bad.json"
+    assert qgssl_main(["prepare", "folders", "--root", str(root), "--out", str(bad)]) == 1
+    captured = capsys.readouterr()
+    problems = [line for line in captured.out.splitlines() if line.startswith(str(root))]
+    assert len(problems) == 2
+    assert any("c3.png: truncated image" in line for line in problems)
+    assert any("c5.png: size mismatch" in line for line in problems)
+    assert f"qgssl validate-manifest {bad} --skip-bad" in captured.err
+    assert qgssl_main(["prepare", "folders", "--root", str(root), "--out", str(bad), "--no-validate"]) == 0
 
 
 def test_demo_data_cli_forwards_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,13 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from qgssl_monai.data.manifest import SPLITS, ManifestError
+from qgssl_monai.data.manifest import DATA_ROOT_BASES, SPLITS, ManifestError
 
-__all__ = ["register", "run_demo_data", "run_prepare", "run_validate_manifest"]
+__all__ = ["add_grey_tolerance_argument", "register", "run_demo_data", "run_prepare", "run_validate_manifest"]
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """``qgssl prepare``: 0 on success, 1 (message on stderr) when the layout is not found or inconsistent."""
+    """``qgssl prepare``: 0 on success, 1 (message on stderr) when the layout is not found or inconsistent, or when
+    the written manifest lists bad files (validated unless ``--no-validate``)."""
     from qgssl_monai.data.presets import prepare_manifest
 
     try:
@@ -29,6 +30,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             labeled_fraction=args.labeled_fraction,
             name=args.name,
             groups_file=args.groups,
+            data_root_base=args.data_root_base,
         )
     except ManifestError as err:
         print(f"qgssl prepare: {err}", file=sys.stderr)
@@ -37,15 +39,23 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     header = load_manifest(out)
     counts = ", ".join(f"{header[f'num_{s}']} {s}" for s in SPLITS)
-    print(f"wrote {out} ({counts}; data_root {header['data_root']})")
-    if args.validate:
-        return run_validate_manifest(
-            argparse.Namespace(
-                manifest=str(out), root=None, splits=list(SPLITS), skip_bad=False, out=None,
-                decode_images=False, grey_tolerance=0.0, quiet=False,
-            )
-        )  # fmt: skip
-    return 0
+    base = header.get("data_root_base")
+    print(f"wrote {out} ({counts}; data_root {header['data_root']}{f' relative to {base}' if base else ''})")
+    if not args.validate:
+        return 0
+    code = run_validate_manifest(
+        argparse.Namespace(
+            manifest=str(out), root=None, splits=list(SPLITS), skip_bad=False, out=None,
+            decode_images=False, grey_tolerance=0.0, quiet=False,
+        )
+    )  # fmt: skip
+    if code:
+        print(
+            f"qgssl prepare: {out} lists bad files (above); fix them, or write a manifest without them with "
+            f"`qgssl validate-manifest {out} --skip-bad`",
+            file=sys.stderr,
+        )
+    return code
 
 
 def run_validate_manifest(args: argparse.Namespace) -> int:
@@ -109,6 +119,14 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def add_grey_tolerance_argument(parser: argparse.ArgumentParser) -> None:
+    """``--grey-tolerance`` (:func:`~qgssl_monai.data.validation.mask_value_problem`), shared by the mask checks."""
+    parser.add_argument(
+        "--grey-tolerance", type=_tolerance, default=0.0,
+        help="fraction of mask pixels allowed outside {0, max}, e.g. 0.05 for JPEG masks thresholded at load time",
+    )  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``prepare``, ``validate-manifest`` and ``demo-data`` to the ``qgssl`` sub-parsers."""
     from qgssl_monai.data.presets import PRESETS
@@ -139,7 +157,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CSV 'stem,group' (or JSON {stem: group}) keeping each group (patient, video) in one split",
     )  # fmt: skip
     prepare.add_argument("--name", default=None, help="manifest name (default: the preset name)")
-    prepare.add_argument("--validate", action="store_true", help="validate the written manifest")
+    prepare.add_argument(
+        "--data-root-base", choices=("absolute", *DATA_ROOT_BASES), default=None,
+        help="record data_root absolute, relative to the manifest's folder, or relative to the repository root "
+        "(portable across clones, as the shipped manifests); default: absolute unless the manifest is written "
+        "inside the data folder",
+    )  # fmt: skip
+    prepare.add_argument(
+        "--validate", action=argparse.BooleanOptionalAction, default=True,
+        help="check every listed file after writing, exit 1 listing the bad ones (default: on)",
+    )  # fmt: skip
     prepare.set_defaults(func=run_prepare)
 
     validate = subparsers.add_parser(
@@ -154,10 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument("--skip-bad", action="store_true", help="write a cleaned manifest + list of skipped entries")
     validate.add_argument("--out", default=None, help="cleaned manifest path (default <manifest>.clean.json)")
     validate.add_argument("--decode-images", action="store_true", help="fully decode images, not just headers")
-    validate.add_argument(
-        "--grey-tolerance", type=_tolerance, default=0.0,
-        help="fraction of mask pixels allowed outside {0, max} (e.g. JPEG masks thresholded at load time)",
-    )  # fmt: skip
+    add_grey_tolerance_argument(validate)
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(func=run_validate_manifest)
 

@@ -4,7 +4,7 @@ A manifest looks like (paths relative to the data root)::
 
     {
       "name": "kvasir-seg", "modality": "endoscopy", "source": "...", "citation": "...", "licence": "...",
-      "data_root": "../../shared/data/kvasir-seg",      # relative to the manifest file (or absolute)
+      "data_root": "../shared/data/kvasir-seg", "data_root_base": "repo",   # or an absolute data_root
       "split_seed": 0, "split_rule": "...",
       "num_training": 700, "num_validation": 100, "num_test": 200, "num_unlabeled": 0,
       "training": [{"image": "images/a.jpg", "label": "masks/a.png"}, ...],
@@ -14,6 +14,10 @@ A manifest looks like (paths relative to the data root)::
 
 It is readable by :func:`monai.data.load_decathlon_datalist` with ``base_dir`` set to the data root
 (:func:`resolve_data_root`); :func:`load_split` does exactly that and returns absolute paths.
+
+``data_root`` is absolute, or relative to the base named by ``data_root_base`` (:data:`DATA_ROOT_BASES`):
+``"manifest"`` (the manifest's folder; the default when the field is absent) or ``"repo"`` (the root of the
+checkout holding this package, so a manifest keeps working when it is moved or copied to another clone).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from qgssl_monai.errors import ActionableError
+
 __all__ = [
+    "DATA_ROOT_BASES",
     "LABELED_SPLITS",
     "SPLITS",
     "SPLIT_RATIOS",
@@ -37,6 +44,9 @@ __all__ = [
     "load_manifest",
     "load_split",
     "natural_key",
+    "describe_data_root",
+    "record_data_root",
+    "repo_root",
     "resolve_data_root",
     "write_manifest",
 ]
@@ -45,9 +55,11 @@ LABELED_SPLITS: tuple[str, ...] = ("training", "validation", "test")
 SPLITS: tuple[str, ...] = (*LABELED_SPLITS, "unlabeled")
 # train : validation : test, by image count
 SPLIT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
+# what a relative "data_root" is relative to (header "data_root_base"; absent = "manifest")
+DATA_ROOT_BASES: tuple[str, ...] = ("manifest", "repo")
 
 
-class ManifestError(ValueError):
+class ManifestError(ActionableError, ValueError):
     """A manifest (or the data it points to) is missing, malformed or inconsistent; the message names the file."""
 
 
@@ -64,6 +76,8 @@ def load_manifest(manifest: str | os.PathLike) -> dict[str, Any]:
             ``{"image": str, ...}`` entries.
     """
     path = Path(manifest)
+    if path.is_dir():
+        raise ManifestError(f"manifest {path} is a directory, not a JSON file")
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     try:
@@ -83,6 +97,21 @@ def load_manifest(manifest: str | os.PathLike) -> dict[str, Any]:
     return content
 
 
+def repo_root() -> Path:
+    """The checkout this package is imported from (the base of ``"data_root_base": "repo"``)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _data_root_base(path: Path, content: Mapping[str, Any]) -> tuple[str, Path]:
+    """``(base name, base folder)`` a relative ``data_root`` of the manifest at ``path`` starts from."""
+    base = content.get("data_root_base") or "manifest"
+    if base not in DATA_ROOT_BASES:
+        raise ManifestError(
+            f"manifest {path}: unknown data_root_base {base!r}; expected one of {', '.join(DATA_ROOT_BASES)}"
+        )
+    return base, (repo_root() if base == "repo" else path.resolve().parent)
+
+
 def resolve_data_root(manifest: str | os.PathLike, data_root: str | os.PathLike | None = None) -> Path:
     """The folder the manifest's relative paths start from.
 
@@ -92,16 +121,42 @@ def resolve_data_root(manifest: str | os.PathLike, data_root: str | os.PathLike 
             (None or ``""``: no override).
 
     Returns:
-        ``data_root`` if given; else the manifest's ``"data_root"`` entry resolved relative to the manifest
-        file; else the manifest's folder. The result is absolute and normalised; it is not checked to exist.
+        ``data_root`` if given; else the manifest's ``"data_root"`` entry (absolute, or relative to its
+        ``"data_root_base"``: the manifest's folder by default, the repository root for ``"repo"``); else the
+        manifest's folder. The result is absolute and normalised; it is not checked to exist.
+
+    Raises:
+        ManifestError: unreadable manifest or unknown ``data_root_base``.
     """
     path = Path(manifest).resolve()
     if data_root is not None and str(data_root) != "":
         return Path(os.path.normpath(Path(data_root).expanduser().resolve()))
-    recorded = load_manifest(path).get("data_root")
+    content = load_manifest(path)
+    recorded = content.get("data_root")
     if recorded in (None, ""):
         return path.parent
-    return Path(os.path.normpath(path.parent / Path(str(recorded)).expanduser()))
+    _, base = _data_root_base(path, content)
+    return Path(os.path.normpath(base / Path(str(recorded)).expanduser()))
+
+
+def describe_data_root(manifest: str | os.PathLike, data_root: str | os.PathLike | None = None) -> str:
+    """How :func:`resolve_data_root` found the data root, for error messages.
+
+    E.g. ``'data_root "../shared/data/kvasir-seg" relative to the repository root /x/qgssl-monai'``,
+    ``"--root / data_root= override"`` or ``'data_root "/data/set" (absolute)'``.
+    """
+    if data_root is not None and str(data_root) != "":
+        return "the --root / data_root= override"
+    path = Path(manifest)
+    content = load_manifest(path)
+    recorded = content.get("data_root")
+    if recorded in (None, ""):
+        return "no data_root in the manifest: its folder"
+    if Path(str(recorded)).expanduser().is_absolute():
+        return f'data_root "{recorded}" (absolute)'
+    base, folder = _data_root_base(path, content)
+    where = "the repository root" if base == "repo" else "the manifest's folder"
+    return f'data_root "{recorded}" relative to {where} {folder}'
 
 
 def load_split(
@@ -130,7 +185,8 @@ def load_split(
         return []
     if not root.is_dir():
         raise ManifestError(
-            f"data root {root} of manifest {path} does not exist; pass data_root=/--root pointing at the data set"
+            f"data root {root} of manifest {path} does not exist ({describe_data_root(path, data_root)}); "
+            "pass data_root=/--root pointing at the data set"
         )
     from monai.data import load_decathlon_datalist  # imported here: validation and `qgssl --help` skip torch
 
@@ -226,6 +282,38 @@ def _relative(path: str | os.PathLike, root: Path) -> str:
     return Path(os.path.relpath(os.path.normpath(candidate), root)).as_posix()
 
 
+def record_data_root(
+    data_root: str | os.PathLike, manifest: str | os.PathLike, base: str | None = None
+) -> dict[str, str]:
+    """The header entries recording ``data_root`` for a manifest written to ``manifest``.
+
+    Args:
+        data_root: the data folder.
+        manifest: where the manifest is (going to be) written.
+        base: ``"absolute"``; ``"manifest"`` or ``"repo"`` (relative to that base, see :data:`DATA_ROOT_BASES`);
+            None picks ``"manifest"`` when the manifest lies inside the data folder (the two move together, e.g.
+            the demo set's ``manifest.json``) and ``"absolute"`` otherwise.
+
+    Returns:
+        ``{"data_root": posix path}``, plus ``{"data_root_base": "repo"}`` for a repository-relative path.
+    """
+    root = Path(os.path.normpath(Path(data_root).expanduser().resolve()))
+    out_dir = Path(manifest).resolve().parent
+    if base is None:
+        base = "manifest" if out_dir == root or root in out_dir.parents else "absolute"
+    if base == "absolute":
+        return {"data_root": root.as_posix()}
+    if base not in DATA_ROOT_BASES:
+        raise ManifestError(f"unknown data_root_base {base!r}; expected absolute or one of {', '.join(DATA_ROOT_BASES)}")
+    try:
+        relative = os.path.relpath(root, repo_root() if base == "repo" else out_dir)
+    except ValueError:  # another drive (Windows): only an absolute path exists
+        return {"data_root": root.as_posix()}
+    recorded = {"data_root": Path(relative).as_posix()}
+    # "manifest" is what an absent field means: leave it out (older readers and files stay as they were)
+    return recorded if base == "manifest" else {**recorded, "data_root_base": base}
+
+
 def write_manifest(
     path: str | os.PathLike,
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -239,6 +327,7 @@ def write_manifest(
     split_seed: int | None = None,
     split_rule: str = "",
     extra: Mapping[str, Any] | None = None,
+    data_root_base: str | None = None,
 ) -> Path:
     """Write a manifest JSON (header first, then the four split lists).
 
@@ -246,10 +335,12 @@ def write_manifest(
         path: output file; parent folders are created.
         splits: entries per split (keys among :data:`SPLITS`; missing splits are written empty). Absolute
             paths are made relative to ``data_root``; relative paths are kept as they are.
-        data_root: the folder entries are relative to; recorded as ``"data_root"`` relative to the manifest's
-            folder (absolute when no relative path exists, e.g. another drive).
+        data_root: the folder entries are relative to; recorded as ``"data_root"`` as :func:`record_data_root`
+            decides with ``data_root_base``.
         name, modality, source, citation, licence, split_seed, split_rule: header fields.
         extra: additional header entries (e.g. ``"preset"``, ``"labels"``, ``"group_splits"``).
+        data_root_base: ``"absolute"``, ``"manifest"``, ``"repo"`` or None (absolute unless the manifest lies
+            inside ``data_root``); see :func:`record_data_root`.
 
     Returns:
         The written path.
@@ -260,10 +351,7 @@ def write_manifest(
     out = Path(path).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.normpath(Path(data_root).resolve()))
-    try:
-        recorded_root = Path(os.path.relpath(root, out.parent)).as_posix()
-    except ValueError:  # different drive on Windows
-        recorded_root = root.as_posix()
+    recorded_root = record_data_root(root, out, data_root_base)
     lists: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
         entries = []
@@ -282,7 +370,7 @@ def write_manifest(
         "source": source,
         "citation": citation,
         "licence": licence,
-        "data_root": recorded_root,
+        **recorded_root,
         "split_seed": split_seed,
         "split_rule": split_rule,
     }

@@ -524,6 +524,7 @@ def prepare_manifest(
     ratios: Sequence[float] = SPLIT_RATIOS,
     name: str | None = None,
     groups_file: str | os.PathLike | None = None,
+    data_root_base: str | None = None,
 ) -> Path:
     """Build and write a manifest from a data set folder.
 
@@ -540,10 +541,13 @@ def prepare_manifest(
         groups_file: CSV with columns ``stem,group`` (or a JSON object ``{stem: group}``) assigning every
             labeled image (by file stem) to a group, e.g. patient or video; overrides the preset's groups so
             that whole groups stay in one split.
+        data_root_base: how ``data_root`` is recorded: ``"absolute"``, ``"manifest"`` or ``"repo"``; None =
+            absolute unless the manifest is written inside the data folder
+            (:func:`~qgssl_monai.data.manifest.record_data_root`).
 
     Returns:
-        The manifest path. Entries are relative to the common folder of ``root`` and ``unlabeled_roots``,
-        recorded as ``data_root`` relative to the manifest.
+        The manifest path. Entries are relative to the common folder of ``root`` and ``unlabeled_roots``
+        (the recorded ``data_root``).
 
     Raises:
         ManifestError: unknown preset, layout not found (the message names the folder), or overlapping files.
@@ -616,6 +620,7 @@ def prepare_manifest(
         split_seed=seed,
         split_rule=rule,
         extra=extra_header,
+        data_root_base=data_root_base,
     )
     logger.info(
         "wrote %s: %d training, %d validation, %d test, %d unlabeled",

@@ -25,7 +25,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from qgssl_monai.data.manifest import LABELED_SPLITS, SPLITS, ManifestError, load_manifest, resolve_data_root
+from qgssl_monai.data.manifest import (
+    LABELED_SPLITS,
+    SPLITS,
+    ManifestError,
+    describe_data_root,
+    load_manifest,
+    record_data_root,
+    resolve_data_root,
+)
 
 __all__ = [
     "LABEL_RULES",
@@ -34,6 +42,7 @@ __all__ = [
     "ValidationReport",
     "assert_valid_manifest",
     "check_file",
+    "check_mask",
     "mask_value_problem",
     "validate_manifest",
     "write_clean_manifest",
@@ -237,7 +246,7 @@ def check_file(
     """
     path = Path(path)
     if not path.is_file():
-        return FileCheck(None, ["missing file" if not path.exists() else "not a file"])
+        return FileCheck(None, ["missing file" if not path.exists() else "is a directory" if path.is_dir() else "not a file"])
     if path.stat().st_size == 0:
         return FileCheck(None, ["empty file"])
     lowered = path.name.lower()
@@ -282,6 +291,16 @@ def _format_size(size: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in size)
 
 
+def check_mask(
+    path: str | os.PathLike, image: FileCheck, *, grey_tolerance: float = 0.0, label_rule: str = "binary"
+) -> FileCheck:
+    """:func:`check_file` of a mask plus its size against its image's :class:`FileCheck` (``"size mismatch: ..."``)."""
+    mask = check_file(path, is_mask=True, grey_tolerance=grey_tolerance, label_rule=label_rule)
+    if image.size is not None and mask.size is not None and image.size != mask.size:
+        mask.problems.append(f"size mismatch: image {_format_size(image.size)}, mask {_format_size(mask.size)}")
+    return mask
+
+
 def validate_manifest(
     manifest: str | os.PathLike,
     data_root: str | os.PathLike | None = None,
@@ -322,7 +341,10 @@ def validate_manifest(
     total = sum(report.counts.values())
     if total and not root.is_dir():
         report.problems.append(
-            Problem("", -1, "data_root", str(root), "data root folder not found (pass --root / data_root=)")
+            Problem(
+                "", -1, "data_root", str(root),
+                f"data root folder not found ({describe_data_root(path, data_root)}; pass --root / data_root=)",
+            )
         )
         return report
     first_seen: dict[str, tuple[str, int]] = {}
@@ -349,15 +371,8 @@ def validate_manifest(
                     report.problems.append(Problem(split, index, "label", image_path, "labeled entry has no 'label'"))
                     continue
                 label_path = os.path.normpath(root / entry["label"])
-                mask = check_file(label_path, is_mask=True, grey_tolerance=grey_tolerance, label_rule=label_rule)
+                mask = check_mask(label_path, image, grey_tolerance=grey_tolerance, label_rule=label_rule)
                 report.problems += [Problem(split, index, "label", label_path, m) for m in mask.problems]
-                if image.size is not None and mask.size is not None and image.size != mask.size:
-                    report.problems.append(
-                        Problem(
-                            split, index, "label", label_path,
-                            f"size mismatch: image {_format_size(image.size)}, mask {_format_size(mask.size)}",
-                        )
-                    )  # fmt: skip
     return report
 
 
@@ -382,6 +397,14 @@ def assert_valid_manifest(
     return report
 
 
+def _kept_base(content: dict[str, Any]) -> str:
+    """The ``data_root_base`` a rewritten manifest keeps: the original's kind (absolute, manifest, repo)."""
+    recorded = content.get("data_root")
+    if recorded not in (None, "") and Path(str(recorded)).expanduser().is_absolute():
+        return "absolute"
+    return content.get("data_root_base") or "manifest"
+
+
 def write_clean_manifest(report: ValidationReport, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the manifest without the entries ``report`` flagged, plus the list of skipped entries.
 
@@ -391,7 +414,8 @@ def write_clean_manifest(report: ValidationReport, out: str | os.PathLike) -> tu
 
     Returns:
         ``(clean_manifest_path, skipped_list_path)``. The clean manifest keeps the header (counts updated,
-        ``data_root`` re-expressed relative to its own folder, ``cleaned_from`` and ``num_skipped`` added).
+        ``data_root`` re-expressed for its own location, of the original's kind: absolute, relative to the
+        manifest's folder or to the repository (``data_root_base``); ``cleaned_from`` and ``num_skipped`` added).
 
     Raises:
         ManifestError: the data root itself was missing (nothing to clean entry by entry).
@@ -416,7 +440,9 @@ def write_clean_manifest(report: ValidationReport, out: str | os.PathLike) -> tu
         if split in content:
             content[split] = kept
             content[f"num_{split}"] = len(kept)
-    content["data_root"] = Path(os.path.relpath(report.data_root, out_path.parent)).as_posix()
+    base = _kept_base(content)
+    content.pop("data_root_base", None)
+    content.update(record_data_root(report.data_root, out_path, base))
     content["cleaned_from"] = Path(os.path.relpath(report.manifest.resolve(), out_path.parent)).as_posix()
     content["num_skipped"] = len(skipped)
     header = {k: v for k, v in content.items() if k not in SPLITS}

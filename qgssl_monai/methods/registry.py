@@ -29,8 +29,10 @@ from qgssl_monai.methods.qar import QualityAwareRegularization
 from qgssl_monai.methods.quality_weighting import QualityWeighting
 from qgssl_monai.methods.sup import Supervised
 
-__all__ = ["METHODS", "register_method", "build_method", "available_methods"]
+__all__ = ["METHODS", "register_method", "build_method", "available_methods", "needs_quality_net"]
 
+#: methods taking g itself (``quality_net=``) rather than a QualityWeighting
+_TAKE_QUALITY_NET = frozenset({"qar", "qar+qw"})
 #: name -> (factory, needs a QualityWeighting)
 METHODS: dict[str, tuple[Callable[..., SSLMethod], bool]] = {}
 
@@ -86,6 +88,15 @@ def _qar_plus_qw(quality_net: nn.Module, qar_weight: float = 0.01, pl_weight: fl
         weights=[qar_weight, pl_weight],
         name="qar+qw",
     )
+
+
+def needs_quality_net(name: str) -> bool:
+    """True when the method registered as ``name`` takes the frozen quality predictor g (QAR, QAR+QW, every QW)."""
+    key = name.lower()
+    _register_lazy(key)
+    if key not in METHODS:
+        raise ValueError(f"unknown SSL method {name!r}; known: {', '.join(available_methods())}.")
+    return key in _TAKE_QUALITY_NET or METHODS[key][1]
 
 
 def build_method(name: str, **kwargs: Any) -> SSLMethod:

@@ -17,14 +17,22 @@ from monai.utils import convert_to_tensor
 __all__ = ["PairPrepareBatch", "QualityScoreWriter", "read_pairs_csv"]
 
 
-def read_pairs_csv(csv_path: str | os.PathLike, image_column: str = "image", mask_column: str = "mask") -> list[dict[str, str]]:
+def read_pairs_csv(
+    csv_path: str | os.PathLike, image_column: str = "image", mask_column: str = "mask", *, check_files: bool = True
+) -> list[dict[str, str]]:
     """Read a CSV of image-mask pairs (header ``image,mask``; paths relative to the CSV's folder).
 
+    Args:
+        csv_path: the CSV.
+        image_column, mask_column: column names.
+        check_files: raise at the first listed file that is missing; False leaves checking to the caller
+            (``qgssl quality-check`` reports every bad row and scores the others).
+
     Returns:
-        ``[{"image": abs, "mask": abs, "image_path": as_written, "mask_path": as_written}, ...]``.
+        ``[{"image": abs, "mask": abs, "image_path": as_written, "mask_path": as_written}, ...]``, row ``i`` from CSV line ``i + 2``.
 
     Raises:
-        FileNotFoundError: the CSV or a listed file is missing (the message names the CSV row).
+        FileNotFoundError: the CSV or (``check_files``) a listed file is missing (the message names the CSV row).
         ValueError: a required column is missing or the CSV has no rows.
     """
     csv_path = Path(csv_path)
@@ -45,7 +53,7 @@ def read_pairs_csv(csv_path: str | os.PathLike, image_column: str = "image", mas
         for column in (image_column, mask_column):
             path = Path(row[column].strip()).expanduser()
             path = path if path.is_absolute() else root / path
-            if not path.is_file():
+            if check_files and not path.is_file():
                 raise FileNotFoundError(f"{csv_path}, line {line}: {column} file not found: {path}")
             item[column] = str(path)
             item[f"{column}_path"] = row[column].strip()

@@ -1,12 +1,5 @@
-"""``qgssl quality-check``: score image-mask pairs with a trained quality predictor g.
-
-Single pair::
-
-    qgssl quality-check --image frame.png --mask frame_mask.png [--bundle bundles/quality_predictor]
-
-Batch (CSV with a header ``image,mask``; paths relative to the CSV)::
-
-    qgssl quality-check --csv pairs.csv --out scores.csv
+"""Score image-mask pairs with a trained quality predictor g (what ``qgssl quality-check`` runs, see
+:mod:`qgssl_monai.serving.cli`, and what the MONAI Label app uses).
 
 Images and masks of any size are resized to the size g was trained at (read from the bundle's
 ``configs/inference.json``, overridable). :class:`QualityChecker` loads g once and scores many pairs;
@@ -15,11 +8,8 @@ the MONAI Label app reuses it.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +19,11 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Resize
 
+from qgssl_monai.errors import CheckpointNotFoundError, train_g_commands
 from qgssl_monai.networks.quality import QualityPredictor, load_frozen_quality_predictor
-from qgssl_monai.quality.io import read_pairs_csv
 from qgssl_monai.transforms.io import get_seg_transforms
 
-__all__ = ["DEFAULT_BUNDLE", "QualityChecker", "register", "run_quality_check"]
+__all__ = ["DEFAULT_BUNDLE", "QualityChecker"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +45,7 @@ class QualityChecker:
         batch_size: pairs per forward pass in :meth:`score_files`.
 
     Raises:
-        FileNotFoundError: the checkpoint is missing (the message says how to train the bundle).
+        CheckpointNotFoundError: the checkpoint is missing (the message gives the bundle commands that train g).
     """
 
     def __init__(
@@ -71,13 +61,9 @@ class QualityChecker:
     ) -> None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
-            raise FileNotFoundError(
-                f"quality predictor checkpoint not found: {checkpoint}. Train the bundle first, e.g.\n"
-                "  python -m monai.bundle run --config_file configs/train_weak.json --bundle_root bundles/quality_predictor "
-                "--dataset_dir <data folder with manifest.json>\n"
-                "  python -m monai.bundle run --config_file configs/train.json --bundle_root bundles/quality_predictor "
-                "--dataset_dir <data folder with manifest.json>\n"
-                "or pass --checkpoint PATH."
+            raise CheckpointNotFoundError(
+                f"quality predictor checkpoint not found: {checkpoint}; train g with: "
+                + " && ".join(train_g_commands(checkpoint))
             )
         self.checkpoint = checkpoint
         self.image_size = int(image_size)
@@ -149,56 +135,3 @@ class QualityChecker:
     def score_file(self, image_path: str | os.PathLike, mask_path: str | os.PathLike) -> float:
         """Score one image-mask pair given as files."""
         return self.score_files([(image_path, mask_path)])[0]
-
-
-def run_quality_check(args: argparse.Namespace) -> int:
-    """Entry point of ``qgssl quality-check`` (see :func:`register`)."""
-    if bool(args.csv) == bool(args.image or args.mask):
-        print("quality-check: give either --image and --mask, or --csv (with --out)", file=sys.stderr)
-        return 2
-    if args.image and not args.mask or args.mask and not args.image:
-        print("quality-check: --image and --mask go together", file=sys.stderr)
-        return 2
-    try:
-        checker = QualityChecker.from_bundle(
-            args.bundle, args.checkpoint, image_size=args.image_size, backbone=args.backbone, device=args.device
-        )
-        if args.csv:
-            pairs = read_pairs_csv(args.csv)
-            scores = checker.score_files([(p["image"], p["mask"]) for p in pairs])
-            out = Path(args.out) if args.out else Path(args.csv).with_name(Path(args.csv).stem + "_scores.csv")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(["image", "mask", "quality"])
-                for pair, score in zip(pairs, scores):
-                    writer.writerow([pair["image_path"], pair["mask_path"], f"{score:.6f}"])
-            print(f"scored {len(scores)} pairs -> {out}")
-        else:
-            for path in (args.image, args.mask):
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"file not found: {path}")
-            print(f"{checker.score_file(args.image, args.mask):.4f}")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"quality-check: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``quality-check`` to the ``qgssl`` command line."""
-    parser = subparsers.add_parser(
-        "quality-check",
-        help="estimate the Dice of segmentation masks with the trained quality predictor",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--image", help="image file (any size)")
-    parser.add_argument("--mask", help="binary mask file for the image")
-    parser.add_argument("--csv", help="CSV with columns image,mask (paths relative to the CSV)")
-    parser.add_argument("--out", help="output CSV for --csv (default: <csv stem>_scores.csv)")
-    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="quality-predictor bundle folder (default: %(default)s)")
-    parser.add_argument("--checkpoint", help="weights file (default: <bundle>/models/model.pt)")
-    parser.add_argument("--image-size", type=int, help="override the bundle's training image size")
-    parser.add_argument("--backbone", help="override the bundle's backbone")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.set_defaults(func=run_quality_check)
