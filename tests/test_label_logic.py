@@ -39,14 +39,18 @@ def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> QualityService:
-    """g (random init, 32 px) and a small U-Net (32 px) staged as offline bundles."""
+    """g (random init, trained-size 32 px in its sidecar) and a small U-Net (32 px) staged as offline bundles."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("label_logic")
     app = stage_app(
         REPO / "apps" / "quality_checker",
         root / "app",
         {
-            "quality_predictor": (REPO / "bundles" / "quality_predictor", QualityPredictor(in_channels=4).state_dict()),
+            "quality_predictor": (
+                REPO / "bundles" / "quality_predictor",
+                QualityPredictor(in_channels=4).state_dict(),
+                {"image_size": 32, "image_channels": 3, "backbone": "resnet18"},
+            ),
             "ssl_segmentation": (
                 REPO / "bundles" / "ssl_segmentation",
                 build_segmentation_network("unet", size="small").state_dict(),
@@ -56,7 +60,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> QualityService:
     return QualityService.from_bundles(
         app / "model" / "quality_predictor",
         app / "model" / "ssl_segmentation",
-        quality_overrides={"image_size": 32},
         seg_overrides={"network_size": "small", "image_size": 32},
     )
 

@@ -339,7 +339,8 @@ class QualityService:
         seg_overrides: Mapping[str, Any] | None = None,
         device: str = "cpu",
     ) -> QualityService:
-        """Load g from its bundle (settings from ``configs/inference.json`` + ``quality_overrides``) and f."""
+        """Load g from its bundle (settings from the sidecar of ``models/model.pt``; ``quality_overrides`` only
+        for a checkpoint without sidecar) and f (settings from ``configs/train.json`` + ``seg_overrides``)."""
         quality_bundle = Path(quality_bundle)
         checker = QualityChecker.from_bundle(quality_bundle, device=device, **dict(quality_overrides or {}))
         segmenter = None
