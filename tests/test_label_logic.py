@@ -12,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from qgssl_monai.networks.quality import QualityPredictor
+from qgssl_monai.networks.quality import QualityPredictor, file_sha256
 from qgssl_monai.networks.segmentation import build_segmentation_network
 from qgssl_monai.serving.label_logic import (
     LabelRequestError,
     QualityService,
     bundle_version,
     check_image_id,
-    checkpoint_sha256,
     exposed_bind_host,
     find_bundle,
     rank_by_quality,
@@ -185,7 +184,7 @@ def test_find_bundle_and_versions(tmp_path: Path) -> None:
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes(b"weights")
     assert find_bundle("quality_predictor", [tmp_path / "first", tmp_path / "second"]) == bundle
-    assert checkpoint_sha256(bundle / "models" / "model.pt") == hashlib.sha256(b"weights").hexdigest()
+    assert file_sha256(bundle / "models" / "model.pt") == hashlib.sha256(b"weights").hexdigest()
     assert bundle_version(bundle) == "unknown"
     assert bundle_version(REPO / "bundles" / "quality_predictor") == "0.1.0"
 
@@ -204,7 +203,7 @@ def test_quality_service_scores_like_training_preprocessing(service: QualityServ
     expected = float(service.checker.network.score(image_s, mask_s)[0])
     assert result["quality"] == pytest.approx(expected, abs=1e-6)
     assert 0.0 <= result["quality"] <= 1.0
-    sha = checkpoint_sha256(service.checker.checkpoint)
+    sha = file_sha256(service.checker.checkpoint)
     assert result["model_version"] == f"quality_predictor@0.1.0+sha256:{sha[:12]}"
     assert (result["height"], result["width"]) == (48, 40)
     assert result["foreground_fraction"] == pytest.approx(20 * 16 / (48 * 40))
