@@ -88,26 +88,14 @@ class QualityMetadataWriter:
 
     Args:
         checkpoint: the best-weights file, e.g. ``<ckpt_dir>/model.pt``.
-        image_size, image_channels, backbone, spatial_dims, dropout: g's training settings.
+        settings: g's training settings, the keyword arguments of
+            :func:`~qgssl_monai.networks.quality.write_quality_metadata` (``image_size``, ``image_channels``,
+            ``backbone``, ``spatial_dims``, ``dropout``).
     """
 
-    def __init__(
-        self,
-        checkpoint: str | os.PathLike,
-        image_size: int | Sequence[int],
-        image_channels: int,
-        backbone: str,
-        spatial_dims: int = 2,
-        dropout: float = 0.15,
-    ) -> None:
+    def __init__(self, checkpoint: str | os.PathLike, **settings: Any) -> None:
         self.checkpoint = checkpoint
-        self.settings = {
-            "image_size": image_size,
-            "image_channels": int(image_channels),
-            "backbone": str(backbone),
-            "spatial_dims": int(spatial_dims),
-            "dropout": float(dropout),
-        }
+        self.settings = settings
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
