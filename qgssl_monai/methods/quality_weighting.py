@@ -71,7 +71,7 @@ def _check_reference_restore_weights(module: nn.Module, state_dict: dict[str, An
         raise QualityNetChangedError(
             f"the quality predictor g changed since this checkpoint was saved: it was trained with "
             f"{saved.get('path') or 'an in-memory g'} (sha256 {str(saved.get('sha256'))[:12]}...), this run loads "
-            f"{current['path'] or 'an in-memory g'} (sha256 {current['sha256'][:12]}...); resume with the same g "
+            f"{current['path'] or 'an in-memory g'} (sha256 {str(current['sha256'])[:12]}...); resume with the same g "
             "(quality_ckpt) or start a new run"
         )
     # the live g fills its own keys (checkpoints written before g was left out carry a copy: it is replaced)

@@ -377,8 +377,7 @@ def save_quality_calibration(checkpoint: str | os.PathLike, calibration: Monoton
     if metadata is None:
         raise FileNotFoundError(f"{quality_metadata_path(checkpoint)} not found: write g's sidecar before calibrating")
     _check_sidecar_hash(Path(checkpoint), metadata)
-    settings = {k: metadata[k] for k in ("image_size", "image_channels", "backbone") if k in metadata}
-    settings.update({k: metadata[k] for k in ("spatial_dims", "dropout") if k in metadata})
+    settings: dict[str, Any] = {k: metadata[k] for k in ("image_size", "image_channels", "backbone", "spatial_dims", "dropout") if k in metadata}
     return write_quality_metadata(checkpoint, calibration=calibration, **settings)
 
 

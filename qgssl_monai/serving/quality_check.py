@@ -83,9 +83,11 @@ class QualityChecker:
         self.network: QualityPredictor = load_quality_predictor(
             checkpoint, self.device, image_size=image_size, image_channels=image_channels, backbone=backbone, dropout=dropout
         )
-        if self.network.spatial_dims != 2:
-            raise ValueError(f"{checkpoint}: the quality check scores 2D images; this g is {self.network.spatial_dims}D")
-        self.image_size = int(self.network.image_size[0])
+        trained_size = self.network.image_size
+        if self.network.spatial_dims != 2 or trained_size is None:
+            raise ValueError(f"{checkpoint}: the quality check scores 2D images at g's training size; this g is "
+                             f"{self.network.spatial_dims}D with image_size {trained_size}")
+        self.image_size = int(trained_size[0])
         self.image_channels = self.network.image_channels
         self.transform = get_seg_transforms(
             self.image_size, train=False, keys=("image", "mask"), augment=False, rgb=self.image_channels == 3
