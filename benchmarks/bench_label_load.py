@@ -110,13 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             app = stage_app(
                 REPO / "apps" / "quality_checker",
                 tmp_path / "app",
-                {"quality_predictor": (REPO / "bundles" / "quality_predictor", QualityPredictor(in_channels=4).state_dict())},
+                {
+                    "quality_predictor": (
+                        REPO / "bundles" / "quality_predictor",
+                        QualityPredictor(in_channels=4).state_dict(),
+                        {"image_size": args.model_size, "image_channels": 3, "backbone": "resnet18"},
+                    )
+                },
             )
             (tmp_path / "studies").mkdir()
             server = LabelServer(
                 app,
                 tmp_path / "studies",
-                {"models": "quality_predictor", "quality_image_size": str(args.model_size)},
+                {"models": "quality_predictor"},
                 env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"},
                 startup_timeout=180,
             ).start()

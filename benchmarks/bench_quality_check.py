@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         startup_wall, startup_cpu = [], []
         for _ in range(3):
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            checker = QualityChecker(checkpoint, image_size=args.size, image_channels=3, batch_size=args.batch)
+            checker = QualityChecker(checkpoint, image_size=args.size, image_channels=3, backbone="resnet18", batch_size=args.batch)
             startup_wall.append(time.perf_counter() - start_wall)
             startup_cpu.append(time.process_time() - start_cpu)
         startup = {"wall": 1000 * statistics.median(startup_wall), "cpu": 1000 * statistics.median(startup_cpu)}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigWorkflow
 
-from qgssl_monai.networks.quality import QualityPredictor
+from qgssl_monai.networks.quality import QualityPredictor, write_quality_metadata
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ssl_segmentation"
 CONFIGS = BUNDLE / "configs"
@@ -52,10 +52,11 @@ def make_workflow(
     )
 
 
-def write_quality_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised (untrained) quality predictor state_dict: enough to exercise the wiring."""
+def write_quality_checkpoint(path: Path, seed: int = 0, image_size: int = 64) -> Path:
+    """A randomly initialised (untrained) quality predictor state_dict + its sidecar: enough to exercise the wiring."""
     torch.manual_seed(seed)
     torch.save(QualityPredictor(in_channels=4, backbone="resnet18").state_dict(), path)
+    write_quality_metadata(path, image_size=image_size, image_channels=3, backbone="resnet18")
     return path
 
 

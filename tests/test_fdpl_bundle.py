@@ -17,7 +17,7 @@ from monai.inferers import SlidingWindowInferer
 
 from qgssl_monai.losses import PerSampleDiceBCELoss
 from qgssl_monai.methods.fdpl import FDPL, FDPLQW
-from qgssl_monai.networks.quality import QualityPredictor
+from qgssl_monai.networks.quality import QualityPredictor, write_quality_metadata
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "ssl_segmentation" / "configs"
 NETS_2D = ("unet", "swinunetr2d", "unetpp", "attention_unet")
@@ -27,6 +27,7 @@ def _quality_checkpoint(folder: Path, in_channels: int, spatial_dims: int) -> Pa
     torch.manual_seed(0)
     path = folder / f"quality_{spatial_dims}d.pt"
     torch.save(QualityPredictor(in_channels=in_channels, spatial_dims=spatial_dims).state_dict(), path)
+    write_quality_metadata(path, image_size=32, image_channels=in_channels - 1, backbone="resnet18", spatial_dims=spatial_dims)
     return path
 
 
@@ -125,7 +126,6 @@ def test_3d_overlays_parse_and_train_one_iteration(
         {
             "patch_size": patch,
             "quality_ckpt": str(_quality_checkpoint(tmp_path, 2, 3)),
-            "quality_net_kwargs#spatial_dims": 3,
         }
     )
     files = _configs("train.json", "train_3d.json", f"net/{net}.json", f"method/{method_file}.json")

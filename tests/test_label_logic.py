@@ -12,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from qgssl_monai.networks.quality import QualityPredictor
+from qgssl_monai.networks.quality import QualityPredictor, file_sha256
 from qgssl_monai.networks.segmentation import build_segmentation_network
 from qgssl_monai.serving.label_logic import (
     LabelRequestError,
     QualityService,
     bundle_version,
     check_image_id,
-    checkpoint_sha256,
     exposed_bind_host,
     find_bundle,
     rank_by_quality,
@@ -39,14 +38,18 @@ def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> QualityService:
-    """g (random init, 32 px) and a small U-Net (32 px) staged as offline bundles."""
+    """g (random init, trained-size 32 px in its sidecar) and a small U-Net (32 px) staged as offline bundles."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("label_logic")
     app = stage_app(
         REPO / "apps" / "quality_checker",
         root / "app",
         {
-            "quality_predictor": (REPO / "bundles" / "quality_predictor", QualityPredictor(in_channels=4).state_dict()),
+            "quality_predictor": (
+                REPO / "bundles" / "quality_predictor",
+                QualityPredictor(in_channels=4).state_dict(),
+                {"image_size": 32, "image_channels": 3, "backbone": "resnet18"},
+            ),
             "ssl_segmentation": (
                 REPO / "bundles" / "ssl_segmentation",
                 build_segmentation_network("unet", size="small").state_dict(),
@@ -56,7 +59,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> QualityService:
     return QualityService.from_bundles(
         app / "model" / "quality_predictor",
         app / "model" / "ssl_segmentation",
-        quality_overrides={"image_size": 32},
         seg_overrides={"network_size": "small", "image_size": 32},
     )
 
@@ -182,7 +184,7 @@ def test_find_bundle_and_versions(tmp_path: Path) -> None:
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes(b"weights")
     assert find_bundle("quality_predictor", [tmp_path / "first", tmp_path / "second"]) == bundle
-    assert checkpoint_sha256(bundle / "models" / "model.pt") == hashlib.sha256(b"weights").hexdigest()
+    assert file_sha256(bundle / "models" / "model.pt") == hashlib.sha256(b"weights").hexdigest()
     assert bundle_version(bundle) == "unknown"
     assert bundle_version(REPO / "bundles" / "quality_predictor") == "0.1.0"
 
@@ -201,7 +203,7 @@ def test_quality_service_scores_like_training_preprocessing(service: QualityServ
     expected = float(service.checker.network.score(image_s, mask_s)[0])
     assert result["quality"] == pytest.approx(expected, abs=1e-6)
     assert 0.0 <= result["quality"] <= 1.0
-    sha = checkpoint_sha256(service.checker.checkpoint)
+    sha = file_sha256(service.checker.checkpoint)
     assert result["model_version"] == f"quality_predictor@0.1.0+sha256:{sha[:12]}"
     assert (result["height"], result["width"]) == (48, 40)
     assert result["foreground_fraction"] == pytest.approx(20 * 16 / (48 * 40))

@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 CONF = {
     "models": "quality_predictor,ssl_segmentation",
-    "quality_image_size": str(SIZE),
     "seg_network_size": "small",
     "seg_image_size": str(SIZE),
 }
@@ -80,7 +79,11 @@ def setup(demo_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         REPO / "apps" / "quality_checker",
         root / "app",
         {
-            "quality_predictor": (REPO / "bundles" / "quality_predictor", quality_state),
+            "quality_predictor": (
+                REPO / "bundles" / "quality_predictor",
+                quality_state,
+                {"image_size": SIZE, "image_channels": 3, "backbone": "resnet18"},
+            ),
             "ssl_segmentation": (REPO / "bundles" / "ssl_segmentation", seg_state),
         },
     )
@@ -94,7 +97,6 @@ def setup(demo_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     local = QualityService.from_bundles(
         app / "model" / "quality_predictor",
         app / "model" / "ssl_segmentation",
-        quality_overrides={"image_size": SIZE},
         seg_overrides={"network_size": "small", "image_size": SIZE},
     )
     env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ from monai.utils import path_to_sqlite_uri
 
 from qgssl_monai.cli import main as qgssl_main
 from qgssl_monai.data.manifest import ManifestError, load_manifest
-from qgssl_monai.networks.quality import load_frozen_quality_predictor
+from qgssl_monai.networks.quality import QualityPredictor, file_sha256, load_quality_predictor, write_quality_metadata
 from qgssl_monai.serving.quality_check import QualityChecker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,10 @@ def test_workflow_properties_complete(demo_manifest, tmp_path) -> None:
         ("train.json", "train", {"dataset_dir": str(demo_manifest.parent), "p_weak": 0.0, "samples_per_image": 1, "val_samples_per_image": 1}),
         ("inference.json", "infer", {"pairs_csv": str(pairs)}),
     ):
+        if config == "inference.json":  # inference builds g from a trained checkpoint and its sidecar
+            (tmp_path / "models").mkdir(exist_ok=True)
+            torch.save(QualityPredictor(in_channels=4).state_dict(), tmp_path / "models" / "model.pt")
+            write_quality_metadata(tmp_path / "models" / "model.pt", image_size=SIZE, image_channels=3, backbone="resnet18")
         workflow = ConfigWorkflow(
             config_file=str(CONFIGS / config),
             meta_file=str(CONFIGS / "metadata.json"),
@@ -121,7 +125,13 @@ def test_weak_then_train_with_mlflow(trained_bundle: Path) -> None:
     assert (models / "checkpoint_epoch=2.pt").is_file()
     state = torch.load(models / "model.pt", weights_only=True)
     assert "head.1.weight" in state  # a plain state_dict
-    g = load_frozen_quality_predictor(models / "model.pt", in_channels=4)
+    metadata = json.loads((models / "model.meta.json").read_text())  # the sidecar training wrote beside model.pt
+    assert metadata["sha256"] == file_sha256(models / "model.pt") and metadata["calibration"] is None
+    assert {k: metadata[k] for k in ("image_size", "image_channels", "in_channels", "backbone", "spatial_dims")} == {
+        "image_size": SIZE, "image_channels": 3, "in_channels": 4, "backbone": "resnet18", "spatial_dims": 2
+    }
+    g = load_quality_predictor(models / "model.pt")
+    assert g.image_size == (SIZE, SIZE) and g.image_channels == 3
     out = g(torch.rand(2, 4, SIZE, SIZE))
     assert out.shape == (2, 1) and torch.all((out >= 0) & (out <= 1))
 
@@ -170,7 +180,8 @@ def test_inference_bundle_and_quality_check_cli_agree(trained_bundle: Path, demo
     assert len(json.loads((tmp_path / "scores" / "quality_scores.json").read_text())) == 3
 
     checkpoint = trained_bundle / "models" / "model.pt"
-    checker = QualityChecker.from_bundle(BUNDLE, checkpoint, image_size=SIZE)
+    checker = QualityChecker.from_bundle(BUNDLE, checkpoint)  # size, channels, backbone from the sidecar
+    assert checker.image_size == SIZE
     direct = checker.score_files([(tmp_path / a, tmp_path / b) for a, b in rows])
     for row, score in zip(bundle_rows, direct):
         assert float(row["quality"]) == pytest.approx(score, abs=1e-5)

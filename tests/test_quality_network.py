@@ -10,7 +10,7 @@ from qgssl_monai.engines.autocast import AutocastInferer, engine_amp_flag
 from qgssl_monai.networks.quality import (
     QualityPredictor,
     adapt_input_channels,
-    load_frozen_quality_predictor,
+    load_quality_predictor,
     load_state_dict_file,
 )
 
@@ -95,7 +95,7 @@ def test_pretrained_path_adapts_first_conv(tmp_path) -> None:
         QualityPredictor(in_channels=4, pretrained_path=wrong)
 
 
-def test_load_frozen_quality_predictor(tmp_path) -> None:
+def test_load_quality_predictor_without_sidecar(tmp_path) -> None:
     trained = QualityPredictor(in_channels=4)
     with torch.no_grad():
         trained.head[1].bias.fill_(1.5)  # distinguishable from a fresh init
@@ -105,7 +105,8 @@ def test_load_frozen_quality_predictor(tmp_path) -> None:
     torch.save({"network": {"module." + k: v for k, v in trained.state_dict().items()}}, ddp_path)
 
     for checkpoint in (path, ddp_path):
-        g = load_frozen_quality_predictor(checkpoint, "cpu", in_channels=4)
+        # a checkpoint without sidecar loads when the caller gives the training settings
+        g = load_quality_predictor(checkpoint, "cpu", in_channels=4, backbone="resnet18", image_size=32)
         assert not g.training
         assert all(not p.requires_grad for p in g.parameters())
         x = torch.rand(2, 4, 32, 32, requires_grad=True)
@@ -117,7 +118,7 @@ def test_load_frozen_quality_predictor(tmp_path) -> None:
         assert x.grad is not None and x.grad.abs().sum() > 0
 
     with pytest.raises(ValueError, match="does not fit QualityPredictor"):
-        load_frozen_quality_predictor(path, in_channels=4, backbone="resnet34")
+        load_quality_predictor(path, in_channels=4, backbone="resnet34", image_size=32)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_state_dict_file(tmp_path / "missing.pt")
 

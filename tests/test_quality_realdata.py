@@ -9,7 +9,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from qgssl_monai.data.manifest import load_split, write_manifest
-from qgssl_monai.networks.quality import load_frozen_quality_predictor
+from qgssl_monai.networks.quality import load_quality_predictor
 from qgssl_monai.quality.data import degradation_transform, fixed_quality_samples
 from qgssl_monai.quality.evaluation import image_zeroing_test, predict_quality, quality_regression_metrics
 from qgssl_monai.transforms.io import get_seg_transforms
@@ -52,7 +52,8 @@ def test_quality_predictor_learns_on_kvasir(tmp_path) -> None:
     workflow.run()
     workflow.finalize()
 
-    g = load_frozen_quality_predictor(tmp_path / "models" / "model.pt", in_channels=4)
+    g = load_quality_predictor(tmp_path / "models" / "model.pt")  # settings from the sidecar training wrote
+    assert (g.image_size, g.image_channels, g.backbone_name) == ((SIZE, SIZE), 3, "resnet18")
     load = get_seg_transforms(SIZE, train=False, augment=False)
     pool = [item["label"] for item in load_split(manifest, "training")]
     held_out = fixed_quality_samples(

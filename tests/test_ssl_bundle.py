@@ -20,7 +20,7 @@ from PIL import Image
 
 from qgssl_monai.data.manifest import load_split
 from qgssl_monai.metrics import compute_binary_metrics
-from qgssl_monai.networks.quality import load_frozen_quality_predictor
+from qgssl_monai.networks.quality import load_quality_predictor
 from qgssl_monai.networks.segmentation import FinalOutput, build_segmentation_network, penultimate_feature_layer
 from qgssl_monai.segmentation.evaluation import PerImageMetricsWriter
 from qgssl_monai.segmentation.training import latest_checkpoint
@@ -239,7 +239,7 @@ def test_inference_json_writes_masks_at_original_size_and_quality(
     out = tmp_path / "eval" / "predictions"
     records = json.loads((out / "predictions.json").read_text())
     assert [Path(r["image"]).name for r in records] == sorted(sizes)
-    g = load_frozen_quality_predictor(quality_ckpt, "cpu", in_channels=4, backbone="resnet18")
+    g = load_quality_predictor(quality_ckpt, "cpu")
     chain = get_seg_transforms(64, train=False, keys=("image",))
     for record in records:
         name = Path(record["image"]).name

@@ -12,9 +12,9 @@ Without ``--host 127.0.0.1`` the stock CLI binds to 0.0.0.0; the app then refuse
 ``MONAI_LABEL_AUTH_ENABLE=true`` or ``--conf allow_remote true``.
 
 ``--conf`` keys: ``models`` (``quality_predictor`` and optionally ``ssl_segmentation``), ``bundles_dir``,
-``device`` (``cpu``), ``quality_image_size`` / ``quality_backbone`` (override the quality bundle's
-``configs/inference.json``), ``seg_net`` (net overlay, e.g. ``unet``), ``seg_network_size`` /
-``seg_image_size`` / ``seg_in_channels`` (the values the SSL bundle was trained with).
+``device`` (``cpu``), ``seg_net`` (net overlay, e.g. ``unet``), ``seg_network_size`` / ``seg_image_size`` /
+``seg_in_channels`` (the values the SSL bundle was trained with). g needs no setting: its size, channels,
+backbone and calibration come from the sidecar ``models/model.meta.json`` written by its training.
 """
 
 from __future__ import annotations
@@ -84,11 +84,6 @@ class QualityCheckerApp(MONAILabelApp):
         if conf.get("bundles_dir"):
             search.insert(0, Path(conf["bundles_dir"]))
         search.append(Path(app_dir).resolve().parents[1] / "bundles")
-        quality_overrides: dict[str, Any] = {}
-        if conf.get("quality_image_size"):
-            quality_overrides["image_size"] = int(conf["quality_image_size"])
-        if conf.get("quality_backbone"):
-            quality_overrides["backbone"] = conf["quality_backbone"]
         seg_overrides: dict[str, Any] = {}
         if conf.get("seg_network_size"):
             seg_overrides["network_size"] = conf["seg_network_size"]
@@ -98,7 +93,6 @@ class QualityCheckerApp(MONAILabelApp):
         self.service = QualityService.from_bundles(
             find_bundle(QUALITY_BUNDLE, search),
             find_bundle(SEGMENTATION_BUNDLE, search) if SEGMENTATION_BUNDLE in models else None,
-            quality_overrides=quality_overrides,
             seg_net=conf.get("seg_net"),
             seg_overrides=seg_overrides,
             device=conf.get("device", "cpu"),

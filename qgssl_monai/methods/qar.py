@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext
-from qgssl_monai.methods.quality_weighting import freeze
+from qgssl_monai.methods.quality_weighting import attach_quality_net
 
 __all__ = ["QualityAwareRegularization"]
 
@@ -21,7 +21,8 @@ class QualityAwareRegularization(SSLMethod):
     """QAR.
 
     Args:
-        quality_net: quality predictor ``g``: ``(B, C+1, *S) -> (B, 1)`` in ``[0, 1]``; frozen here.
+        quality_net: quality predictor ``g``: ``(B, C+1, *S) -> (B, 1)`` in ``[0, 1]``; frozen here and saved in
+            checkpoints as a reference (path + SHA-256), not as weights.
     """
 
     name = "qar"
@@ -30,9 +31,7 @@ class QualityAwareRegularization(SSLMethod):
 
     def __init__(self, quality_net: nn.Module) -> None:
         super().__init__()
-        if not isinstance(quality_net, nn.Module):
-            raise TypeError(f"quality_net must be an nn.Module, got {type(quality_net).__name__}.")
-        self.quality_net = freeze(quality_net)
+        attach_quality_net(self, quality_net)
 
     def unsupervised_loss(self, ctx: StepContext) -> MethodOutput:
         image_u = ctx.image_u

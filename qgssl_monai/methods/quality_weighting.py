@@ -12,10 +12,27 @@ with per-sample weights computed from ``q = g(x_u, pseudo_label)`` (no gradient,
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["QualityWeighting", "freeze"]
+__all__ = [
+    "QUALITY_REFERENCE_KEY",
+    "QualityNetChangedError",
+    "QualityWeighting",
+    "attach_quality_net",
+    "freeze",
+    "quality_reference",
+]
+
+#: state_dict key (under the holder's prefix) of the reference to g that replaces g's weights in checkpoints
+QUALITY_REFERENCE_KEY = "quality_net_reference"
+
+
+class QualityNetChangedError(ValueError):
+    """A training checkpoint refers to another quality predictor g than the one the resumed run loaded."""
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -25,12 +42,67 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def quality_reference(quality_net: nn.Module) -> dict[str, str | None]:
+    """``{"path", "sha256"}`` identifying g: its weights file and that file's SHA-256 when g was built by
+    :func:`~qgssl_monai.networks.quality.load_quality_predictor`; else ``path`` None and the SHA-256 of its
+    tensors (names, dtypes, shapes, bytes), so an in-memory g is identified too."""
+    sha = getattr(quality_net, "checkpoint_sha256", None)
+    if sha:
+        return {"path": getattr(quality_net, "checkpoint_path", None), "sha256": str(sha)}
+    digest = hashlib.sha256()
+    for key, value in sorted(quality_net.state_dict().items()):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{tensor.dtype}:{tuple(value.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return {"path": None, "sha256": digest.hexdigest()}
+
+
+def _save_reference_not_weights(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # g is frozen and lives in its own file: a checkpoint stores which g (path + SHA-256), not its weights
+    for key in [k for k in state_dict if k.startswith(prefix + "quality_net.")]:
+        del state_dict[key]
+    state_dict[prefix + QUALITY_REFERENCE_KEY] = quality_reference(module.quality_net)
+
+
+def _check_reference_restore_weights(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    saved = state_dict.pop(prefix + QUALITY_REFERENCE_KEY, None)
+    current = quality_reference(module.quality_net)
+    if saved is not None and saved.get("sha256") != current["sha256"]:
+        raise QualityNetChangedError(
+            f"the quality predictor g changed since this checkpoint was saved: it was trained with "
+            f"{saved.get('path') or 'an in-memory g'} (sha256 {str(saved.get('sha256'))[:12]}...), this run loads "
+            f"{current['path'] or 'an in-memory g'} (sha256 {str(current['sha256'])[:12]}...); resume with the same g "
+            "(quality_ckpt) or start a new run"
+        )
+    # the live g fills its own keys (checkpoints written before g was left out carry a copy: it is replaced)
+    state_dict.update(module.quality_net.state_dict(prefix=prefix + "quality_net."))
+
+
+def attach_quality_net(owner: nn.Module, quality_net: nn.Module) -> nn.Module:
+    """Register the frozen g as ``owner.quality_net``, kept out of ``owner``'s checkpoints.
+
+    ``owner.state_dict()`` holds ``quality_net_reference`` (:func:`quality_reference`) instead of g's weights;
+    ``owner.load_state_dict()`` checks it against the g in use and raises :class:`QualityNetChangedError`
+    when they differ. Used by every method component that holds g (quality weighting, QAR).
+
+    Returns:
+        ``quality_net``, frozen (``requires_grad=False``, eval mode).
+    """
+    if not isinstance(quality_net, nn.Module):
+        raise TypeError(f"quality_net must be an nn.Module, got {type(quality_net).__name__}.")
+    owner.quality_net = freeze(quality_net)
+    owner.register_state_dict_post_hook(_save_reference_not_weights)
+    owner.register_load_state_dict_pre_hook(_check_reference_restore_weights)
+    return owner.quality_net
+
+
 class QualityWeighting(nn.Module):
     """Quality-weighted reduction of per-sample pseudo-label losses.
 
     Args:
         quality_net: quality predictor ``g``: ``(B, C+1, *S) -> (B, 1)`` in ``[0, 1]``. It is frozen here
-            (``requires_grad=False``, always eval mode) and never handed to the optimizer.
+            (``requires_grad=False``, always eval mode), never handed to the optimizer and saved in checkpoints
+            as a reference (path + SHA-256), not as weights (:func:`attach_quality_net`).
         mode: ``"plain"`` (``w = q``, paper) or ``"thresholded"`` (``w = q^power * 1[q >= threshold]``,
             authors' code).
         power: exponent ``T`` of the thresholded form (authors' code: 2).
@@ -51,9 +123,7 @@ class QualityWeighting(nn.Module):
         super().__init__()
         if mode not in self.modes:
             raise ValueError(f"QualityWeighting mode must be one of {self.modes}, got {mode!r}.")
-        if not isinstance(quality_net, nn.Module):
-            raise TypeError(f"quality_net must be an nn.Module, got {type(quality_net).__name__}.")
-        self.quality_net = freeze(quality_net)
+        attach_quality_net(self, quality_net)
         self.mode = mode
         self.power = float(power)
         self.threshold = float(threshold)

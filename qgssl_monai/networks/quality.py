@@ -13,23 +13,34 @@ Contract (docs/ARCHITECTURE.md)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import DenseNet121, DenseNet169, EfficientNetBN, resnet18, resnet34, resnet50
 from monai.networks.utils import copy_model_state
 from torch import nn
 
+from qgssl_monai.networks.calibration import MonotoneCalibration
+
 __all__ = [
     "QUALITY_BACKBONES",
+    "QUALITY_METADATA_SUFFIX",
     "QualityPredictor",
     "adapt_input_channels",
-    "load_frozen_quality_predictor",
+    "file_sha256",
+    "load_quality_predictor",
     "load_state_dict_file",
+    "quality_metadata_path",
+    "read_quality_metadata",
+    "save_quality_calibration",
+    "write_quality_metadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,6 +161,12 @@ class QualityPredictor(nn.Module):
         pretrained_path: optional local file with ImageNet weights for the backbone (e.g. torchvision's
             ``resnet18-f37072fd.pth``); the first convolution is adapted to ``in_channels`` with
             :func:`adapt_input_channels`. Nothing is downloaded.
+        image_size: side length (or per-axis sizes) g was trained at; ``None`` (default, training) scores
+            inputs at their own size. When set, inputs of another spatial size are resized to it first
+            (area interpolation; a hard ``{0, 1}`` mask that carries no gradient is re-binarised at 0.5, as
+            the training chain does), so every consumer scores at the training resolution.
+        calibration: optional monotone map applied after the sigmoid (:class:`MonotoneCalibration`,
+            differentiable, so gradients still reach the input for QAR); ``None`` = identity.
 
     Input ``(B, in_channels, *spatial)`` (image in ``[0, 1]``, mask in ``[0, 1]``); output ``(B, 1)`` in ``[0, 1]``.
     """
@@ -162,6 +179,8 @@ class QualityPredictor(nn.Module):
         dropout: float = 0.15,
         head_init_std: float = 1e-3,
         pretrained_path: str | os.PathLike | None = None,
+        image_size: int | Sequence[int] | None = None,
+        calibration: MonotoneCalibration | None = None,
     ) -> None:
         super().__init__()
         if backbone not in QUALITY_BACKBONES:
@@ -171,14 +190,26 @@ class QualityPredictor(nn.Module):
         builder, classifier_path = QUALITY_BACKBONES[backbone]
         self.in_channels = in_channels
         self.backbone_name = backbone
+        self.spatial_dims = int(spatial_dims)
+        self.dropout = float(dropout)
+        self.image_size = _spatial_shape(image_size, self.spatial_dims)
         self.encoder = builder(spatial_dims, in_channels)
         classifier = _replace_submodule(self.encoder, classifier_path, nn.Identity())
         self.num_features = int(classifier.in_features)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, 1))
         nn.init.normal_(self.head[1].weight, std=head_init_std)
         nn.init.zeros_(self.head[1].bias)
+        self.calibration = calibration
+        #: the weights file and its SHA-256 when built by :func:`load_quality_predictor` (else ``None``)
+        self.checkpoint_path: str | None = None
+        self.checkpoint_sha256: str | None = None
         if pretrained_path is not None:
             self.load_pretrained_backbone(pretrained_path)
+
+    @property
+    def image_channels(self) -> int:
+        """Image channels of the input (``in_channels - 1``: 3 for RGB, 1 for grey)."""
+        return self.in_channels - 1
 
     def load_pretrained_backbone(self, path: str | os.PathLike) -> list[str]:
         """Copy matching ImageNet weights from ``path`` into the encoder; returns the updated keys.
@@ -205,42 +236,236 @@ class QualityPredictor(nn.Module):
         logger.info("loaded %d/%d %s tensors from %s", len(updated), len(target), self.backbone_name, path)
         return list(updated)
 
+    def resize_to_trained(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C+1, *spatial)`` -> ``(B, C+1, *image_size)`` (unchanged when ``image_size`` is None or matches).
+
+        Image channels: area interpolation (the training chain's resize). Mask channel: area interpolation,
+        then ``>= 0.5`` when the mask is hard (``{0, 1}``) and carries no gradient; a soft mask (QAR's
+        probabilities) stays soft and differentiable.
+        """
+        if self.image_size is None or tuple(x.shape[2:]) == self.image_size:
+            return x
+        image, mask = x[:, :-1], x[:, -1:]
+        image = F.interpolate(image, size=self.image_size, mode="area")
+        resized = F.interpolate(mask, size=self.image_size, mode="area")
+        if not mask.requires_grad and bool(((mask == 0) | (mask == 1)).all()):
+            resized = (resized >= 0.5).to(mask.dtype)
+        return torch.cat([image, resized], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C+1, *spatial)`` image+mask -> ``(B, 1)`` estimated Dice in ``[0, 1]``."""
+        """``(B, C+1, *spatial)`` image+mask -> ``(B, 1)`` estimated (calibrated) Dice in ``[0, 1]``."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"QualityPredictor expects {self.in_channels} input channels, got {x.shape[1]}")
-        return torch.sigmoid(self.head(self.encoder(x)))
+        quality = torch.sigmoid(self.head(self.encoder(self.resize_to_trained(x))))
+        return quality if self.calibration is None else self.calibration(quality)
 
     def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``image (B, C, *spatial)``, ``mask (B, 1, *spatial)`` -> ``(B,)`` estimated Dice."""
         return self(torch.cat([image, mask.to(image.dtype)], dim=1)).squeeze(1)
 
 
-def load_frozen_quality_predictor(
-    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", **net_kwargs: Any
-) -> QualityPredictor:
-    """Load a trained g for use as a fixed critic (QAR, quality weighting, serving).
+def _spatial_shape(image_size: int | Sequence[int] | None, spatial_dims: int) -> tuple[int, ...] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (int(image_size),) * spatial_dims
+    shape = tuple(int(s) for s in image_size)
+    if len(shape) != spatial_dims:
+        raise ValueError(f"image_size {list(shape)} must give {spatial_dims} sizes (spatial_dims={spatial_dims})")
+    return shape
 
-    The returned network is in eval mode (dropout off, BatchNorm frozen) and every parameter has
-    ``requires_grad=False``; gradients still flow *through* it to its input.
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkpoint of g: ``model.pt`` (plain state_dict, model-zoo convention) + ``model.meta.json`` beside it
+
+#: sidecar of a weights file ``<stem>.pt``: ``<stem>.meta.json`` in the same folder
+QUALITY_METADATA_SUFFIX = ".meta.json"
+#: sidecar keys that build the network (and that a caller may pass for a checkpoint without sidecar)
+_ARCHITECTURE_KEYS = ("in_channels", "backbone", "spatial_dims", "dropout")
+_SETTING_KEYS = ("image_size", "image_channels", *_ARCHITECTURE_KEYS)
+_REQUIRED_WITHOUT_SIDECAR = ("image_size", "image_channels", "backbone")
+
+
+def quality_metadata_path(checkpoint: str | os.PathLike) -> Path:
+    """The sidecar of a weights file: ``models/model.pt`` -> ``models/model.meta.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + QUALITY_METADATA_SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_quality_metadata(
+    checkpoint: str | os.PathLike,
+    *,
+    image_size: int | Sequence[int],
+    image_channels: int,
+    backbone: str,
+    spatial_dims: int = 2,
+    dropout: float = 0.15,
+    calibration: MonotoneCalibration | Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the sidecar of g's weights file ``checkpoint`` (atomically) and return its path.
+
+    The sidecar (``<stem>.meta.json``, see :func:`quality_metadata_path`) holds everything needed to build and
+    use g: ``image_size`` (what inputs are resized to), ``image_channels``, ``in_channels`` (= image channels
+    + 1), ``backbone``, ``spatial_dims``, ``dropout``, the ``sha256`` of the weights file (so a sidecar never
+    describes other weights) and ``calibration`` (``MonotoneCalibration.to_dict()``, or ``null`` = identity).
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` does not exist.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"quality predictor checkpoint not found: {checkpoint}")
+    if isinstance(calibration, MonotoneCalibration):
+        calibration = calibration.to_dict()
+    elif calibration is not None:
+        calibration = MonotoneCalibration.from_dict(dict(calibration)).to_dict()  # validates the knots
+    size = image_size if isinstance(image_size, int) else [int(s) for s in image_size]
+    metadata = {
+        "weights": checkpoint.name,
+        "sha256": file_sha256(checkpoint),
+        "image_size": size,
+        "image_channels": int(image_channels),
+        "in_channels": int(image_channels) + 1,
+        "backbone": str(backbone),
+        "spatial_dims": int(spatial_dims),
+        "dropout": float(dropout),
+        "calibration": calibration,
+    }
+    path = quality_metadata_path(checkpoint)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_quality_metadata(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The sidecar of ``checkpoint`` as a dict, or ``None`` when there is none.
+
+    Raises:
+        ValueError: the sidecar is not valid JSON or lacks a required key.
+    """
+    path = quality_metadata_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    missing = [k for k in ("sha256", "image_size", "image_channels", "backbone") if k not in metadata]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    return metadata
+
+
+def save_quality_calibration(checkpoint: str | os.PathLike, calibration: MonotoneCalibration | None) -> Path:
+    """Store (or with ``None`` remove) the calibration in the sidecar of ``checkpoint``; the rest is kept.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` has no sidecar (write it with :func:`write_quality_metadata` first).
+        ValueError: the sidecar describes other weights (its SHA-256 differs from the file's).
+    """
+    metadata = read_quality_metadata(checkpoint)
+    if metadata is None:
+        raise FileNotFoundError(f"{quality_metadata_path(checkpoint)} not found: write g's sidecar before calibrating")
+    _check_sidecar_hash(Path(checkpoint), metadata)
+    settings: dict[str, Any] = {k: metadata[k] for k in ("image_size", "image_channels", "backbone", "spatial_dims", "dropout") if k in metadata}
+    return write_quality_metadata(checkpoint, calibration=calibration, **settings)
+
+
+def _check_sidecar_hash(checkpoint: Path, metadata: Mapping[str, Any]) -> str:
+    sha = file_sha256(checkpoint)
+    if metadata["sha256"] != sha:
+        raise ValueError(
+            f"{quality_metadata_path(checkpoint)} describes other weights than {checkpoint} (sha256 "
+            f"{str(metadata['sha256'])[:12]}... != {sha[:12]}...): the weights were replaced without their sidecar"
+        )
+    return sha
+
+
+def load_quality_predictor(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", **settings: Any
+) -> QualityPredictor:
+    """Load a trained g as a fixed critic: the one loader used by QAR, quality weighting, evaluation and serving.
+
+    Settings come from the sidecar ``<stem>.meta.json`` beside ``checkpoint`` (written by the quality bundle's
+    training): network architecture, the ``image_size`` inputs are resized to, and the ``calibration`` applied
+    after the sigmoid. The returned network is in eval mode (dropout off, BatchNorm frozen), every parameter
+    has ``requires_grad=False`` (gradients still flow *through* it to its input) and the global RNG is left
+    untouched. ``checkpoint_path`` / ``checkpoint_sha256`` record the weights file.
 
     Args:
         checkpoint: ``models/model.pt`` of the quality bundle (plain state_dict) or a training checkpoint.
         device: where to put the network.
-        net_kwargs: :class:`QualityPredictor` arguments used at training time (``in_channels``, ``backbone``...).
+        settings: ``image_size``, ``image_channels`` (or ``in_channels``), ``backbone``, ``spatial_dims``,
+            ``dropout``. Required for a checkpoint without sidecar (older checkpoints); with a sidecar they
+            override it (a warning names every value that differs from the sidecar's).
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` does not exist.
+        ValueError: no sidecar and a required setting missing (the message names the file and the settings),
+            a sidecar whose SHA-256 does not match the weights, or weights that do not fit the settings.
     """
-    net_kwargs.pop("pretrained_path", None)  # trained weights replace any initialisation
+    unknown = sorted(set(settings) - {*_SETTING_KEYS, "pretrained_path"})
+    if unknown:
+        raise TypeError(f"load_quality_predictor got unknown settings {unknown}; known: {list(_SETTING_KEYS)}")
+    settings = {k: v for k, v in settings.items() if v is not None and k != "pretrained_path"}
+    if "in_channels" in settings and "image_channels" not in settings:
+        settings["image_channels"] = int(settings["in_channels"]) - 1
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"quality predictor checkpoint not found: {checkpoint}")
+    metadata = read_quality_metadata(checkpoint)
+    if metadata is None:
+        missing = [k for k in _REQUIRED_WITHOUT_SIDECAR if k not in settings]
+        if missing:
+            raise ValueError(
+                f"{checkpoint} has no sidecar {quality_metadata_path(checkpoint).name} and {', '.join(missing)} "
+                "were not given: pass the values g was trained with, or write the sidecar with "
+                "qgssl_monai.networks.quality.write_quality_metadata"
+            )
+        sha, merged, calibration = file_sha256(checkpoint), dict(settings), None
+    else:
+        sha = _check_sidecar_hash(checkpoint, metadata)
+        merged = {k: metadata[k] for k in _SETTING_KEYS if k in metadata}
+        differ = {k: (merged.get(k), v) for k, v in settings.items() if merged.get(k) != v}
+        if differ:
+            logger.warning("%s: overriding its sidecar (sidecar -> given): %s", checkpoint, differ)
+        merged.update(settings)
+        calibration = metadata.get("calibration")
+    image_channels = int(merged["image_channels"])
+    if "in_channels" in merged and int(merged["in_channels"]) != image_channels + 1:
+        raise ValueError(f"{checkpoint}: in_channels {merged['in_channels']} != image_channels {image_channels} + 1")
     # the random initialisation is overwritten at once: keep it off the global RNG so that loading g
     # does not change the segmenter's initialisation or data order (fair method comparisons per seed)
     with torch.random.fork_rng(devices=[]):
-        network = QualityPredictor(**net_kwargs)
-    state = load_state_dict_file(checkpoint, map_location="cpu")
+        network = QualityPredictor(
+            in_channels=image_channels + 1,
+            backbone=str(merged["backbone"]),
+            spatial_dims=int(merged.get("spatial_dims", 2)),
+            dropout=float(merged.get("dropout", 0.15)),
+            image_size=merged["image_size"],
+        )
+    # the sidecar is the only source of the calibration: drop a calibration saved with the weights
+    state = {k: v for k, v in load_state_dict_file(checkpoint).items() if not k.startswith("calibration.")}
     try:
         network.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(
-            f"{checkpoint} does not fit QualityPredictor({net_kwargs}): pass the backbone/in_channels it was trained with"
-        ) from err
+        described = {k: merged.get(k) for k in ("backbone", "in_channels", "spatial_dims")}
+        described["in_channels"] = image_channels + 1
+        raise ValueError(f"{checkpoint} does not fit QualityPredictor({described}): wrong backbone or channels") from err
+    if calibration:
+        network.calibration = MonotoneCalibration.from_dict(calibration)
+    network.checkpoint_path = str(checkpoint.resolve())
+    network.checkpoint_sha256 = sha
     network.to(device).eval()
     network.requires_grad_(False)
     return network

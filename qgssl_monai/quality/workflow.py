@@ -8,13 +8,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.networks.nets import UNet
 from torch import nn
 
+from qgssl_monai.networks.quality import file_sha256, read_quality_metadata, write_quality_metadata
 from qgssl_monai.transforms.weak import WeakPredictionBank
 
 __all__ = [
+    "QualityMetadataWriter",
     "lower_is_better",
     "negative_validation_loss",
     "load_weak_bank",
@@ -73,3 +75,35 @@ def negative_validation_loss(engine: Engine, metric_name: str = "val_loss") -> f
 def lower_is_better(current: float, previous: float) -> bool:
     """``metric_cmp_fn`` for engines whose key metric is a loss."""
     return current < previous
+
+
+class QualityMetadataWriter:
+    """Keep the sidecar ``<stem>.meta.json`` of g's best weights (``models/model.pt``) in step with the file.
+
+    Attached to the validation evaluator *after* the ``CheckpointSaver`` that writes ``model.pt``: after each
+    validation, when ``model.pt`` exists and its SHA-256 differs from the sidecar's, the sidecar is rewritten
+    (:func:`~qgssl_monai.networks.quality.write_quality_metadata`) with the training settings, so every consumer
+    of g builds it, resizes its inputs and calibrates it from the checkpoint alone. New weights get no
+    calibration (one fitted for older weights would not apply).
+
+    Args:
+        checkpoint: the best-weights file, e.g. ``<ckpt_dir>/model.pt``.
+        settings: g's training settings, the keyword arguments of
+            :func:`~qgssl_monai.networks.quality.write_quality_metadata` (``image_size``, ``image_channels``,
+            ``backbone``, ``spatial_dims``, ``dropout``).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, **settings: Any) -> None:
+        self.checkpoint = checkpoint
+        self.settings = settings
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if not os.path.isfile(self.checkpoint):
+            return
+        metadata = read_quality_metadata(self.checkpoint)
+        if metadata is None or metadata.get("sha256") != file_sha256(self.checkpoint):
+            path = write_quality_metadata(self.checkpoint, **self.settings)
+            logger.info("wrote %s", path)

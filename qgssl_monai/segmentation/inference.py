@@ -3,7 +3,8 @@
 :class:`MaskAndQualityWriter` is an ignite handler attached to a MONAI ``SupervisedEvaluator`` whose
 postprocessing turns logits into probabilities (``Activationsd(sigmoid=True)``). Per image it writes
 ``<output_dir>/<stem>_mask.png`` ({0, 255} uint8, original ``(H, W)``) and, when a quality predictor is given,
-the estimated Dice of the hard mask computed at the network's resolution (the resolution g is trained at).
+the estimated Dice of the hard mask at the network's resolution (g, built by
+:func:`~qgssl_monai.networks.quality.load_quality_predictor`, resizes it to the size g was trained at).
 At the end of the run it writes ``predictions.csv`` and ``predictions.json`` with one row per image.
 """
 
@@ -24,10 +25,9 @@ from monai.utils import CommonKeys
 from PIL import Image
 from torch import nn
 
-from qgssl_monai.networks.quality import load_frozen_quality_predictor
 from qgssl_monai.transforms.io import restore_original_size
 
-__all__ = ["IMAGE_SUFFIXES", "MaskAndQualityWriter", "list_images", "load_optional_quality_predictor"]
+__all__ = ["IMAGE_SUFFIXES", "MaskAndQualityWriter", "list_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +57,13 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return files
 
 
-def load_optional_quality_predictor(
-    checkpoint: str | os.PathLike | None, device: str | torch.device = "cpu", **net_kwargs: Any
-) -> nn.Module | None:
-    """:func:`load_frozen_quality_predictor` when ``checkpoint`` is set, else ``None`` (no quality column)."""
-    if checkpoint in (None, "", "none", "None"):
-        return None
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"quality predictor checkpoint {checkpoint} not found (set --quality_ckpt)")
-    return load_frozen_quality_predictor(checkpoint, device, **net_kwargs)
-
-
 class MaskAndQualityWriter:
     """Write each predicted mask at the original image size and record its predicted quality.
 
     Args:
         output_dir: folder of the mask PNGs and of ``predictions.csv`` / ``predictions.json``.
-        quality_net: frozen quality predictor ``g`` (``(B, C+1, H, W) -> (B, 1)``), or ``None``.
+        quality_net: frozen quality predictor ``g`` (``(B, C+1, H, W) -> (B, 1)``; from
+            :func:`~qgssl_monai.networks.quality.load_quality_predictor`), or ``None`` (no quality column).
         threshold: probability threshold of the hard mask (0.5, see docs/ARCHITECTURE.md).
         image_key, pred_key: keys of the decollated evaluator output; ``pred`` holds probabilities
             ``(1, H, W)`` in ``[0, 1]``, ``image`` the network input ``(C, H, W)`` (a MetaTensor carrying

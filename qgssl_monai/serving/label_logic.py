@@ -24,7 +24,6 @@ Policies (documented in ``apps/quality_checker/README.md``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Resize
 from PIL import Image, UnidentifiedImageError
 
-from qgssl_monai.networks.quality import load_state_dict_file
+from qgssl_monai.networks.quality import file_sha256, load_state_dict_file
 from qgssl_monai.serving.quality_check import QualityChecker
 from qgssl_monai.transforms.io import (
     EnsureImageChannels,
@@ -57,7 +56,6 @@ __all__ = [
     "SegmentationModel",
     "bundle_version",
     "check_image_id",
-    "checkpoint_sha256",
     "exposed_bind_host",
     "find_bundle",
     "rank_by_quality",
@@ -214,15 +212,6 @@ def exposed_bind_host(argv: Sequence[str]) -> str | None:
     return None if host in LOOPBACK_HOSTS else host
 
 
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a checkpoint file (the model version shown to clients)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bundle_version(bundle: str | os.PathLike) -> str:
     """``version`` of ``<bundle>/configs/metadata.json`` (``"unknown"`` when absent)."""
     metadata = Path(bundle) / "configs" / "metadata.json"
@@ -252,7 +241,7 @@ def find_bundle(name: str, search_dirs: Iterable[str | os.PathLike]) -> Path:
 
 
 def _model_version(bundle: Path, checkpoint: Path) -> str:
-    return f"{bundle.name}@{bundle_version(bundle)}+sha256:{checkpoint_sha256(checkpoint)[:12]}"
+    return f"{bundle.name}@{bundle_version(bundle)}+sha256:{file_sha256(checkpoint)[:12]}"
 
 
 class SegmentationModel:
@@ -339,7 +328,8 @@ class QualityService:
         seg_overrides: Mapping[str, Any] | None = None,
         device: str = "cpu",
     ) -> QualityService:
-        """Load g from its bundle (settings from ``configs/inference.json`` + ``quality_overrides``) and f."""
+        """Load g from its bundle (settings from the sidecar of ``models/model.pt``; ``quality_overrides`` only
+        for a checkpoint without sidecar) and f (settings from ``configs/train.json`` + ``seg_overrides``)."""
         quality_bundle = Path(quality_bundle)
         checker = QualityChecker.from_bundle(quality_bundle, device=device, **dict(quality_overrides or {}))
         segmenter = None

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from qgssl_monai.networks.quality import write_quality_metadata
+
 __all__ = ["LabelServer", "free_port", "request", "stage_app"]
 
 LOOPBACK = "127.0.0.1"
@@ -72,25 +74,28 @@ def request(
 def stage_app(
     app: str | os.PathLike,
     dest: str | os.PathLike,
-    bundles: Mapping[str, tuple[str | os.PathLike, Mapping[str, torch.Tensor]]],
+    bundles: Mapping[str, tuple[str | os.PathLike, Mapping[str, torch.Tensor]] | tuple[str | os.PathLike, Mapping[str, torch.Tensor], Mapping[str, Any]]],
 ) -> Path:
     """Copy a MONAI Label app to ``dest`` with offline bundles under ``<dest>/model/<name>``.
 
     Args:
         app: the app folder (``apps/quality_checker``).
         dest: new app folder (must not exist).
-        bundles: ``{name: (bundle folder whose configs/ are copied, state_dict saved as models/model.pt)}``.
+        bundles: ``{name: (bundle folder whose configs/ are copied, state_dict saved as models/model.pt[, g's
+            sidecar settings for :func:`~qgssl_monai.networks.quality.write_quality_metadata`])}``.
 
     Returns:
         ``dest`` (weights never touch the repository).
     """
     dest = Path(dest)
     shutil.copytree(app, dest, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
-    for name, (bundle, state) in bundles.items():
+    for name, (bundle, state, *sidecar) in bundles.items():
         target = dest / "model" / name
         shutil.copytree(Path(bundle) / "configs", target / "configs")
         (target / "models").mkdir(parents=True)
         torch.save(dict(state), target / "models" / "model.pt")
+        if sidecar:
+            write_quality_metadata(target / "models" / "model.pt", **sidecar[0])
     return dest
 
 

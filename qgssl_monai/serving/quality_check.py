@@ -1,8 +1,9 @@
 """Score image-mask pairs with a trained quality predictor g (what ``qgssl quality-check`` runs, see
 :mod:`qgssl_monai.serving.cli`, and what the MONAI Label app uses).
 
-Images and masks of any size are resized to the size g was trained at (read from the bundle's
-``configs/inference.json``, overridable). :class:`QualityChecker` loads g once and scores many pairs;
+Images and masks of any size are resized to the size g was trained at (read from the sidecar
+``models/model.meta.json`` written by the bundle's training, overridable). :class:`QualityChecker` loads g once
+(:func:`~qgssl_monai.networks.quality.load_quality_predictor`, calibration included) and scores many pairs;
 the MONAI Label app reuses it.
 """
 
@@ -16,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import Resize
 
 from qgssl_monai.errors import CheckpointNotFoundError, train_g_commands
-from qgssl_monai.networks.quality import QualityPredictor, load_frozen_quality_predictor
+from qgssl_monai.networks.quality import QualityPredictor, load_quality_predictor
 from qgssl_monai.transforms.io import get_seg_transforms
 
 __all__ = ["DEFAULT_BUNDLE", "QualityChecker"]
@@ -29,18 +29,16 @@ logger = logging.getLogger(__name__)
 
 # the bundle shipped with the repository (used when --bundle is not given)
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "quality_predictor"
-# settings read from the bundle's inference config (they must match training)
-_BUNDLE_SETTINGS = ("image_size", "image_channels", "backbone", "dropout")
 
 
 class QualityChecker:
     """Load g once, score many image-mask pairs.
 
     Args:
-        checkpoint: g's weights (bundle ``models/model.pt``).
-        image_size: side length g was trained at; inputs of any size are resized to it.
-        image_channels: 3 (RGB) or 1 (grey), as at training time.
-        backbone, dropout: :class:`~qgssl_monai.networks.quality.QualityPredictor` settings used in training.
+        checkpoint: g's weights (bundle ``models/model.pt``); its sidecar ``model.meta.json`` gives the size g was
+            trained at (inputs of any size are resized to it), its channels, backbone and calibration.
+        image_size, image_channels, backbone, dropout: ``None`` (default) = the sidecar's values; given, they
+            override it (required for a checkpoint without sidecar).
         device: where g runs.
         batch_size: pairs per forward pass in :meth:`score_files`.
 
@@ -52,10 +50,10 @@ class QualityChecker:
         self,
         checkpoint: str | os.PathLike,
         *,
-        image_size: int = 256,
-        image_channels: int = 3,
-        backbone: str = "resnet18",
-        dropout: float = 0.15,
+        image_size: int | None = None,
+        image_channels: int | None = None,
+        backbone: str | None = None,
+        dropout: float | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
     ) -> None:
@@ -66,13 +64,17 @@ class QualityChecker:
                 + " && ".join(train_g_commands(checkpoint))
             )
         self.checkpoint = checkpoint
-        self.image_size = int(image_size)
-        self.image_channels = int(image_channels)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.network: QualityPredictor = load_frozen_quality_predictor(
-            checkpoint, self.device, in_channels=self.image_channels + 1, backbone=backbone, dropout=dropout
+        self.network: QualityPredictor = load_quality_predictor(
+            checkpoint, self.device, image_size=image_size, image_channels=image_channels, backbone=backbone, dropout=dropout
         )
+        trained_size = self.network.image_size
+        if self.network.spatial_dims != 2 or trained_size is None:
+            raise ValueError(f"{checkpoint}: the quality check scores 2D images at g's training size; this g is "
+                             f"{self.network.spatial_dims}D with image_size {trained_size}")
+        self.image_size = int(trained_size[0])
+        self.image_channels = self.network.image_channels
         self.transform = get_seg_transforms(
             self.image_size, train=False, keys=("image", "mask"), augment=False, rgb=self.image_channels == 3
         )
@@ -83,18 +85,15 @@ class QualityChecker:
     def from_bundle(
         cls, bundle: str | os.PathLike = DEFAULT_BUNDLE, checkpoint: str | os.PathLike | None = None, **overrides: Any
     ) -> QualityChecker:
-        """Build from a bundle folder: settings from ``configs/inference.json``, weights from ``models/model.pt``.
+        """Build from a bundle folder: weights ``models/model.pt`` (or ``checkpoint``), settings from its sidecar.
 
-        ``overrides`` (``image_size``, ``backbone``, ``device``...) win over the config values.
+        ``overrides`` (``image_size``, ``backbone``, ``device``...) win over the sidecar's values.
         """
         bundle = Path(bundle)
         config_file = bundle / "configs" / "inference.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{bundle} is not a quality-predictor bundle: {config_file} is missing")
-        parser = ConfigParser()
-        parser.read_config(config_file)
-        settings = {key: parser.get_parsed_content(key) for key in _BUNDLE_SETTINGS if key in parser}
-        settings.update({k: v for k, v in overrides.items() if v is not None})
+        settings = {k: v for k, v in overrides.items() if v is not None}
         return cls(checkpoint if checkpoint is not None else bundle / "models" / "model.pt", **settings)
 
     @torch.no_grad()
