@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from qgssl_monai.cli import main as qgssl_main
-from qgssl_monai.networks.quality import QualityPredictor
+from qgssl_monai.networks.quality import QualityPredictor, write_quality_metadata
 from qgssl_monai.serving import cli as serving_cli
 
 SIZE = 32
@@ -26,6 +26,7 @@ def g_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("g") / "model.pt"
     torch.manual_seed(0)
     torch.save(QualityPredictor(in_channels=4, backbone="resnet18").state_dict(), path)
+    write_quality_metadata(path, image_size=64, image_channels=3, backbone="resnet18")
     return path
 
 
@@ -103,6 +104,7 @@ def test_corrupt_and_missing_checkpoints_are_one_line(g_checkpoint, tmp_path, ca
     image, mask = _image(tmp_path / "a.png"), _image(tmp_path / "a_mask.png", mode="L")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(g_checkpoint.read_bytes()[:5000])
+    write_quality_metadata(corrupt, image_size=64, image_channels=3, backbone="resnet18")  # a sidecar of the truncated file
     code, _, err = _run(["--image", str(image), "--mask", str(mask)], corrupt, capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"quality-check: cannot read quality predictor checkpoint {corrupt} (")

@@ -222,7 +222,8 @@ def test_readme_commands_run_as_written(workspace: Path, demo_manifest: Path) ->
             _quality_check_inputs(workspace / cwd, demo_manifest)
             demo_g = workspace / cwd / "runs" / "demo" / "quality" / "models" / "model.pt"
             demo_g.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(workspace / "bundles" / "quality_predictor" / "models" / "model.pt", demo_g)
+            for name in ("model.pt", "model.meta.json"):  # g's weights and its sidecar
+                shutil.copy(workspace / "bundles" / "quality_predictor" / "models" / name, demo_g.parent / name)
         if case.killed_run is not None:
             shutil.rmtree(workspace / cwd / "models", ignore_errors=True)
             first = _run(workspace, cwd, command.replace(" --resume true", ""), case, demo_manifest, case.killed_run)
