@@ -120,25 +120,21 @@ def train_g_commands(checkpoint: str | os.PathLike, manifest: str | os.PathLike 
     return [bundle_command("quality_predictor", config, **where, manifest=data) for config in ("train_weak.json", "train.json")]
 
 
-def _excepthook(
-    kind: type[BaseException], error: BaseException, traceback: TracebackType | None, *, fallback=sys.excepthook
-) -> None:
-    actionable = find_actionable(error)
-    if actionable is None:
-        fallback(kind, error, traceback)
-        return
-    print(f"error: {actionable}", file=sys.stderr)
-
-
 def install_excepthook() -> None:
     """Make an uncaught error with an :class:`ActionableError` in its chain print as ``error: <message>`` only.
 
-    Called by entry points (the bundles' configs); idempotent. Other errors keep Python's default traceback.
+    Called by entry points (the bundles' configs); idempotent. Other errors keep the previous hook (Python's
+    traceback).
     """
-    if getattr(sys.excepthook, "__name__", "") != "_qgssl_excepthook":
-        previous = sys.excepthook
+    if getattr(sys.excepthook, "__name__", "") == "_qgssl_excepthook":
+        return
+    previous = sys.excepthook
 
-        def _qgssl_excepthook(kind, error, traceback):
-            _excepthook(kind, error, traceback, fallback=previous)
+    def _qgssl_excepthook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        actionable = find_actionable(error)
+        if actionable is None:
+            previous(kind, error, traceback)
+        else:
+            print(f"error: {actionable}", file=sys.stderr)
 
-        sys.excepthook = _qgssl_excepthook
+    sys.excepthook = _qgssl_excepthook

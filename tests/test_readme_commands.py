@@ -260,6 +260,15 @@ def test_missing_checkpoint_is_one_line_with_the_command_that_makes_it(workspace
         if token.endswith(".json"):
             assert Path(token).is_file(), token
 
+    # training g before the weak snapshots exist: one line naming the snapshots and train_weak.json
+    train = next(c for c in COMMANDS if "configs/train.json --bundle_root . --manifest" in c)
+    result = _run(fresh, "quality_predictor", train, COMMANDS[train], demo_manifest)
+    errors = [line for line in result.stderr.splitlines() if "Traceback" in line or line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    weak = fresh / "quality_predictor" / "models" / "weak" / "weak_epoch_*.pt"
+    assert errors[0].startswith(f"error: checkpoint not found: {weak}; make it with: python -m monai.bundle run")
+    assert "configs/train_weak.json" in errors[0]
+
     # a quality-guided SSL run (the README's QAR command) without g: the same one line, before any training
     qar = next(c for c in COMMANDS if "configs/method/qar.json" in c)
     shutil.copytree(REPO / "bundles" / "ssl_segmentation", fresh / "ssl_segmentation")
