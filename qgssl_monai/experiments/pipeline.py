@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided
+from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided, overlay_of
 from qgssl_monai.experiments.report import PER_IMAGE_ARTIFACT, QUALITY_ARTIFACT
 from qgssl_monai.experiments.runner import Step, StepContext
 
@@ -52,7 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: MLflow param -> bundle config id read from the merged config (the method's options); ``lambda`` is the
 #: engine's ``unsup_weight_max`` the bundle itself logs as ``unsup_weight``
-HYPERPARAMETER_IDS = {"tau": "method#confidence_threshold", "T": "method#temperature"}
+HYPERPARAMETER_IDS = {
+    "tau": "method#confidence_threshold", "T": "method#temperature",
+    "qw_mode": "method#qw_mode", "qw_tau": "method#qw_threshold",
+}  # fmt: skip
 VAL_METRIC_CANDIDATES = ("val_mean_dice", "val_dice", "val_dsc")
 
 
@@ -335,7 +338,7 @@ class ExperimentPipeline:
         ]
         quality_ckpt = cfg.quality.checkpoint or str(self.quality_models / "model.pt")
         quality_deps: list[str] = []
-        if cfg.quality.checkpoint is None and any(is_quality_guided(m) for m in cfg.methods):
+        if cfg.quality.checkpoint is None and any(is_quality_guided(m) for m in [*cfg.methods, *cfg.sweep.methods]):
             from qgssl_monai.transforms.weak import weak_snapshot_filename
 
             weak = {"weak_epochs": weak_epochs, "seed": 0, **q_over}
@@ -356,6 +359,12 @@ class ExperimentPipeline:
             for network in cfg.networks:
                 for seed in cfg.seeds:
                     steps.append(self._ssl_step(method, network, seed, quality_ckpt, quality_deps))
+        grid = {step.key for step in steps}
+        for method in cfg.sweep.methods:  # validation-only sweep variants beside the grid
+            for network in cfg.sweep_networks:
+                for seed in cfg.sweep_seeds:
+                    if f"ssl:{method}:{network}:{seed}" not in grid:
+                        steps.append(self._ssl_step(method, network, seed, quality_ckpt, quality_deps))
         return steps
 
     @staticmethod
@@ -425,7 +434,7 @@ class ExperimentPipeline:
         return self.out / "ssl" / method / network / f"seed{seed}"
 
     def _ssl_files(self, method: str, network: str) -> list[str]:
-        files = ["train.json", f"method/{method}.json", f"net/{network}.json"]
+        files = ["train.json", f"method/{overlay_of(method)}.json", f"net/{network}.json"]
         if self.launch.ddp_nproc > 1:
             files.append("multi_gpu_train.json")
         return files
@@ -611,7 +620,7 @@ def run_experiment(
 
 def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan."""
-    from qgssl_monai.experiments.report import load_quality_predictions, load_results, write_report
+    from qgssl_monai.experiments.report import load_quality_predictions, load_results, sweep_table, write_report
     from qgssl_monai.experiments.runner import ExperimentRunner
     from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
 
@@ -633,4 +642,7 @@ def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, t
         convergence_fraction=cfg.report.convergence_fraction,
         target_val_dsc=cfg.report.target_val_dsc,
         title_note=f"config hash {cfg.config_hash}; tracking {uri}",
+        sweep=sweep_table(results, cfg.sweep.methods, cfg.sweep_networks, cfg.sweep_seeds, cfg.overrides.get("method") or {})
+        if cfg.sweep.methods
+        else None,
     )
