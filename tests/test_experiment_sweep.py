@@ -109,3 +109,34 @@ def test_converged_study_yamls_load(name: str) -> None:
     assert ssl["early_stop_patience"] >= cfg.epochs  # the whole schedule runs
     assert str(ssl["ema#ramp_steps"]).startswith("$")  # EMA ramp scales with the schedule length
     assert pd.Series(cfg.methods).is_unique
+
+
+def _study_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("converged_study", REPO / "scripts" / "converged_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_script_applies_sweep_winners_and_picks_second_stage_methods_by_validation() -> None:
+    study = _study_script()
+    path = REPO / "experiments" / "converged" / "cvc2kvasir_25.yaml"
+    cfg = load_experiment(path)
+
+    def run(method: str, network: str, seed: int, best_val: float, test: float) -> RunResult:
+        return RunResult(method, network, seed, f"{method}{seed}", {"dsc_mean": test}, None, [(1, best_val)])
+
+    results = [run("mt_qw", "attention_unet", 0, 0.50, 0.9), run("mt_qw@lam0.3", "attention_unet", 0, 0.55, 0.1),
+               run("mt_qw@tau0.5", "attention_unet", 0, 0.52, 0.9), run("pl_qw", "attention_unet", 0, 0.60, 0.1),
+               run("pl_qw@lam1", "attention_unet", 0, 0.58, 0.9)]  # fmt: skip
+    swept, table = study.swept_config(cfg, results)
+    assert swept.overrides["method"]["mt_qw"] == {"unsup_weight": 0.3}  # the validation winner's settings
+    assert "pl_qw" not in swept.overrides["method"]  # the grid setting won: unchanged
+    assert swept.ssl_overrides("mt_qw", "attention_unet")["unsup_weight"] == 0.3
+    grid = [run("sup", "attention_unet", s, 0.9, 0.9) for s in range(3)]
+    grid += [run("mt", "attention_unet", s, 0.6, 0.1) for s in range(3)] + [run("cps", "attention_unet", s, 0.5, 0.99) for s in range(3)]
+    grid += [run("qar", "attention_unet", s, 0.7, 0.1) for s in range(3)] + [run("pl_qw", "attention_unet", s, 0.65, 0.99) for s in range(3)]
+    assert study.best_by_validation(grid, cfg.methods, "attention_unet", guided=False) == "mt"  # not SUP, not by test
+    assert study.best_by_validation(grid, cfg.methods, "attention_unet", guided=True) == "qar"
