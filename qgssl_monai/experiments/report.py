@@ -28,7 +28,7 @@ import html
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -469,6 +469,17 @@ def convergence_table(
     return pd.DataFrame(rows, columns=["method", "network", "e_val_mean", "e_val_se", "n", "not_reached"])
 
 
+def _cells(
+    results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str], keep: Any
+) -> Iterator[tuple[str, str, list[RunResult]]]:
+    """``(method, network, runs)`` in table order, for the cells with at least one run passing ``keep(run)``."""
+    for method in method_order(methods):
+        for network in networks:
+            runs = [r for r in results if r.method == method and r.network == network and keep(r)]
+            if runs:
+                yield method, network, runs
+
+
 def plateau_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
     """Has the schedule converged? Validation DSC over the last ``1 - PLATEAU_AT`` (20%) of the epochs.
 
@@ -478,28 +489,24 @@ def plateau_table(results: Sequence[RunResult], methods: Sequence[str], networks
     DSC points, mean over seeds; ``plateaued`` = every seed's ``gain_last_20`` < ``PLATEAU_POINTS``.
     """
     rows = []
-    for method in method_order(methods):
-        for network in networks:
-            runs = [r for r in results if r.method == method and r.network == network and r.val_curve]
-            if not runs:
-                continue
-            gains, at80, at_end, ranges = [], [], [], []
-            for run in runs:
-                epochs = [e for e, _ in run.val_curve]
-                cut = max(1, math.floor(PLATEAU_AT * max(epochs)))
-                head = [v for e, v in run.val_curve if e <= cut] or [run.val_curve[0][1]]
-                tail = [v for e, v in run.val_curve if e >= cut]
-                best80, best = 100 * max(head), 100 * max(v for _, v in run.val_curve)
-                at80.append(best80)
-                at_end.append(best)
-                gains.append(best - best80)
-                ranges.append(100 * (max(tail) - min(tail)))
-            rows.append({
-                "method": method, "network": network, "epochs": max(e for r in runs for e, _ in r.val_curve),
-                "best_at_80": float(np.mean(at80)), "best_at_end": float(np.mean(at_end)),
-                "gain_last_20": float(np.mean(gains)), "range_last_20": float(np.mean(ranges)),
-                "plateaued": bool(max(gains) < PLATEAU_POINTS), "n": len(runs),
-            })  # fmt: skip
+    for method, network, runs in _cells(results, methods, networks, lambda r: bool(r.val_curve)):
+        gains, at80, at_end, ranges = [], [], [], []
+        for run in runs:
+            epochs = [e for e, _ in run.val_curve]
+            cut = max(1, math.floor(PLATEAU_AT * max(epochs)))
+            head = [v for e, v in run.val_curve if e <= cut] or [run.val_curve[0][1]]
+            tail = [v for e, v in run.val_curve if e >= cut]
+            best80, best = 100 * max(head), 100 * max(v for _, v in run.val_curve)
+            at80.append(best80)
+            at_end.append(best)
+            gains.append(best - best80)
+            ranges.append(100 * (max(tail) - min(tail)))
+        rows.append({
+            "method": method, "network": network, "epochs": max(e for r in runs for e, _ in r.val_curve),
+            "best_at_80": float(np.mean(at80)), "best_at_end": float(np.mean(at_end)),
+            "gain_last_20": float(np.mean(gains)), "range_last_20": float(np.mean(ranges)),
+            "plateaued": bool(max(gains) < PLATEAU_POINTS), "n": len(runs),
+        })  # fmt: skip
     return pd.DataFrame(rows, columns=["method", "network", "epochs", "best_at_80", "best_at_end", "gain_last_20",
                                        "range_last_20", "plateaued", "n"])  # fmt: skip
 
@@ -530,23 +537,18 @@ def diagnostics_table(results: Sequence[RunResult], methods: Sequence[str], netw
         "weight_zero_last": (last, "quality_weight_zero_fraction"),
     }
     rows = []
-    for method in method_order(methods):
-        for network in networks:
-            runs = [r for r in results if r.method == method and r.network == network and r.diagnostics]
-            if not runs:
-                continue
-            row: dict[str, Any] = {"method": method, "network": network, "n": len(runs)}
-            for column, (reduce, name) in columns.items():
-                values = [v for v in (reduce(r, name) for r in runs) if math.isfinite(v)]
-                row[column] = float(np.mean(values)) if values else math.nan
-            rows.append(row)
+    for method, network, runs in _cells(results, methods, networks, lambda r: bool(r.diagnostics)):
+        row: dict[str, Any] = {"method": method, "network": network, "n": len(runs)}
+        for column, (reduce, name) in columns.items():
+            values = [v for v in (reduce(r, name) for r in runs) if math.isfinite(v)]
+            row[column] = float(np.mean(values)) if values else math.nan
+        rows.append(row)
     return pd.DataFrame(rows, columns=["method", "network", *columns, "n"])
 
 
 def _histogram_matrix(runs: Sequence[RunResult]) -> tuple[list[int], np.ndarray] | None:
     """(epochs, epochs x bins) weight-histogram fractions averaged over ``runs``, or None without histograms."""
-    names = sorted(n for r in runs for n in r.diagnostics if n.startswith("quality_weight_hist_"))
-    names = sorted(set(names))
+    names = sorted({n for r in runs for n in r.diagnostics if n.startswith("quality_weight_hist_")})
     if not names:
         return None
     epochs = sorted({e for r in runs for n in names for e, _ in r.diagnostics.get(n, [])})
@@ -568,12 +570,10 @@ def _plot_diagnostics(results: Sequence[RunResult], methods: Sequence[str], netw
     import matplotlib.pyplot as plt
 
     panels = []
-    for method in method_order(methods):
-        for network in networks:
-            runs = [r for r in results if r.method == method and r.network == network and r.diagnostics]
-            histogram = _histogram_matrix(runs) if runs else None
-            if histogram is not None:
-                panels.append((method, network, runs, histogram))
+    for method, network, runs in _cells(results, methods, networks, lambda r: bool(r.diagnostics)):
+        histogram = _histogram_matrix(runs)
+        if histogram is not None:
+            panels.append((method, network, runs, histogram))
     if not panels:
         return False
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.6 * len(panels)), squeeze=False)
@@ -764,6 +764,14 @@ def _markdown_to_html_table(markdown: str) -> str:
     return "\n".join(out + ["</table>"])
 
 
+def _write_frame(frame: pd.DataFrame, out: Path, name: str) -> str:
+    """``<out>/<name>.csv`` and ``<name>.md``; returns the markdown."""
+    frame.to_csv(out / f"{name}.csv", index=False)
+    markdown = _fmt_frame_markdown(frame)
+    (out / f"{name}.md").write_text(markdown)
+    return markdown
+
+
 def write_report(
     output_dir: str | Path,
     *,
@@ -787,35 +795,19 @@ def write_report(
     (out / "table1.md").write_text(md)
     (out / "table1.csv").write_text(render_table(table, "csv"))
     (out / "table1.tex").write_text(render_table(table, "latex"))
-    gains = improvements(results, methods, networks, paired)
-    gains.to_csv(out / "improvements.csv", index=False)
-    gains_md = _fmt_frame_markdown(gains)
-    (out / "improvements.md").write_text(gains_md)
-    seeds_frame = seed_table(results, methods, networks)
-    seeds_frame.to_csv(out / "seeds.csv", index=False)
-    seeds_md = _fmt_frame_markdown(seeds_frame)
-    (out / "seeds.md").write_text(seeds_md)
-    plateau = plateau_table(results, methods, networks)
-    plateau.to_csv(out / "plateau.csv", index=False)
-    plateau_md = _fmt_frame_markdown(plateau)
-    (out / "plateau.md").write_text(plateau_md)
+    gains_md = _write_frame(improvements(results, methods, networks, paired), out, "improvements")
+    seeds_md = _write_frame(seed_table(results, methods, networks), out, "seeds")
+    plateau_md = _write_frame(plateau_table(results, methods, networks), out, "plateau")
     diagnostics = diagnostics_table(results, methods, networks)
-    diagnostics.to_csv(out / "diagnostics.csv", index=False)
-    diagnostics_md = _fmt_frame_markdown(diagnostics)
-    (out / "diagnostics.md").write_text(diagnostics_md)
+    diagnostics_md = _write_frame(diagnostics, out, "diagnostics")
     has_diagnostics_png = _plot_diagnostics(results, methods, networks, out / "diagnostics.png")
     has_sup_png = _plot_sup_curves(results, networks, out / "sup_val_curve.png")
     sweep_html = ""
     if sweep is not None:
-        sweep.to_csv(out / "sweep.csv", index=False)
-        sweep_md = _fmt_frame_markdown(sweep)
-        (out / "sweep.md").write_text(sweep_md)
         sweep_html = ("<h2>Hyperparameter sweep (validation split only): best validation DSC, DSC points</h2>\n"
-                      + _markdown_to_html_table(sweep_md))  # fmt: skip
+                      + _markdown_to_html_table(_write_frame(sweep, out, "sweep")))  # fmt: skip
     conv = convergence_table(results, methods, networks, convergence_fraction, target_val_dsc)
-    conv.to_csv(out / "convergence.csv", index=False)
-    conv_md = _fmt_frame_markdown(conv)
-    (out / "convergence.md").write_text(conv_md)
+    conv_md = _write_frame(conv, out, "convergence")
     _plot_val_curves(results, methods, networks, out / "val_curves.png")
     scatter_caption = _plot_quality_scatter(quality_predictions, out / "quality_scatter.png")
     _plot_convergence(conv, out / "convergence.png")
