@@ -50,7 +50,7 @@ def swept_config(cfg: ExperimentConfig, results: list[RunResult]) -> tuple[Exper
         if row.candidate != row.overlay:
             per_method[row.overlay] = {**(per_method.get(row.overlay) or {}), **(per_method.get(row.candidate) or {})}
             print(f"sweep: {row.overlay} takes the settings of {row.candidate} ({row.settings})")
-    return load_experiment(cfg.source, updates={"overrides": overrides}), table
+    return load_experiment(cfg.source, updates={"overrides": overrides, "epochs": cfg.epochs}), table
 
 
 def best_by_validation(results: list[RunResult], methods: list[str], network: str, guided: bool) -> str:
@@ -72,8 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", help="experiments/converged/<direction>_<fraction>.yaml")
     parser.add_argument("--out", default=None, help="output folder (default: the YAML's output, else runs/<name>)")
     parser.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    parser.add_argument(
+        "--epochs", type=int, default=None,
+        help="shorter/longer schedule than the YAML's (e.g. 20 = 500 steps, the 3-hour budget; see docs/RESULTS.md); "
+        "early stopping stays off and the ramps scale with it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     base = load_experiment(args.experiment)
+    if args.epochs is not None:
+        overrides = copy.deepcopy(base.overrides)
+        overrides.setdefault("ssl", {})["early_stop_patience"] = args.epochs
+        base = load_experiment(args.experiment, updates={"epochs": args.epochs, "overrides": overrides})
     out = resolve_output(base, args.out)
     uri = default_tracking_uri(out)
     status = 0
@@ -97,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"on {grid_network} by validation DSC: best baseline {chosen['BEST_BASELINE']}, best quality-guided {chosen['BEST_QW']}")
         methods = list(dict.fromkeys(chosen.get(m, m) for m in template["methods"]))
-        second = load_experiment(cfg.source, updates={"overrides": cfg.overrides, "methods": methods, "networks": networks, "sweep": {}})
+        second = load_experiment(
+            cfg.source, updates={"overrides": cfg.overrides, "epochs": cfg.epochs, "methods": methods, "networks": networks, "sweep": {}}
+        )
         if "networks" in args.only:
             status |= run_experiment(second, output=out, report=False)
         if "report" in args.only:
-            combined = load_experiment(cfg.source, updates={"overrides": cfg.overrides, "networks": cfg.networks + networks})
+            combined = load_experiment(
+                cfg.source, updates={"overrides": cfg.overrides, "epochs": cfg.epochs, "networks": cfg.networks + networks}
+            )
             print(f"report: {report_experiment(combined, out, uri)}")
     return status
 
