@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided, load_experiment, overlay_of
-from qgssl_monai.experiments.pipeline import report_experiment, resolve_output, run_experiment
+from qgssl_monai.experiments.pipeline import report_experiment, resolve_output, run_experiment, step_hashes
 from qgssl_monai.experiments.report import RunResult, load_results, sweep_table
 from qgssl_monai.experiments.tracking import default_tracking_uri
 
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in [*base.sweep.methods, *dict.fromkeys(overlay_of(m) for m in base.sweep.methods)]:
             keys += [f"ssl:{method}:{n}:{s}" for n in base.sweep_networks for s in base.sweep_seeds]
         status |= run_experiment(base, output=out, only=keys, report=False)
-    cfg, table = swept_config(base, load_results(uri, base.name))
+    # the sweep is judged on the runs of the YAML's own settings (step hashes of `base`), also after the grid
+    # reran a swept method with its winner's settings
+    cfg, table = swept_config(base, load_results(uri, base.name, step_hashes(base, out, uri)))
     print(table.to_string(index=False) if len(table) else "sweep: no finished sweep runs yet")
     if "grid" in args.only:
         status |= run_experiment(cfg, output=out, report=False)
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"on {grid_network} by validation DSC: best baseline {chosen['BEST_BASELINE']}, best quality-guided {chosen['BEST_QW']}")
         methods = list(dict.fromkeys(chosen.get(m, m) for m in template["methods"]))
+        overrides = {**cfg.overrides, "method": {k: v for k, v in (cfg.overrides.get("method") or {}).items() if k in methods}}
         second = load_experiment(
-            cfg.source, updates={"overrides": cfg.overrides, "epochs": cfg.epochs, "methods": methods, "networks": networks, "sweep": {}}
+            cfg.source, updates={"overrides": overrides, "epochs": cfg.epochs, "methods": methods, "networks": networks, "sweep": {}}
         )
         if "networks" in args.only:
             status |= run_experiment(second, output=out, report=False)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             combined = load_experiment(
                 cfg.source, updates={"overrides": cfg.overrides, "epochs": cfg.epochs, "networks": cfg.networks + networks}
             )
-            print(f"report: {report_experiment(combined, out, uri)}")
+            print(f"report: {report_experiment(combined, out, uri, sweep=table)}")
     return status
 
 

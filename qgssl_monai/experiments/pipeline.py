@@ -46,6 +46,7 @@ __all__ = [
     "git_commit",
     "resolve_devices",
     "HYPERPARAMETER_IDS",
+    "step_hashes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -618,17 +619,27 @@ def run_experiment(
     return 1 if bad else 0
 
 
-def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan."""
-    from qgssl_monai.experiments.report import load_quality_predictions, load_results, sweep_table, write_report
+def step_hashes(cfg: ExperimentConfig, out: Path, tracking_uri: str) -> dict[str, str]:
+    """Step key -> step hash of ``cfg``'s current plan (what :func:`load_results` matches runs against)."""
     from qgssl_monai.experiments.runner import ExperimentRunner
-    from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
+    from qgssl_monai.experiments.tracking import StepTracker
+
+    runner = ExperimentRunner(ExperimentPipeline(cfg, out, tracking_uri).steps(), StepTracker(tracking_uri, cfg.name), cfg.config_hash)
+    return {key: step.hash for key, step in runner.by_key.items()}
+
+
+def report_experiment(
+    cfg: ExperimentConfig, output: str | Path | None = None, tracking_uri: str | None = None, sweep: Any = None
+) -> Path:
+    """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan (``sweep``: a
+    precomputed sweep table to show, e.g. from before the sweep winners were written into ``cfg``; default:
+    computed from ``cfg``)."""
+    from qgssl_monai.experiments.report import load_quality_predictions, load_results, sweep_table, write_report
+    from qgssl_monai.experiments.tracking import default_tracking_uri
 
     out = resolve_output(cfg, output)
     uri = tracking_uri or default_tracking_uri(out)
-    pipeline = ExperimentPipeline(cfg, out, uri)
-    runner = ExperimentRunner(pipeline.steps(), StepTracker(uri, cfg.name), cfg.config_hash)
-    hashes = {key: step.hash for key, step in runner.by_key.items()}
+    hashes = step_hashes(cfg, out, uri)
     results = load_results(uri, cfg.name, hashes)
     quality = load_quality_predictions(uri, cfg.name, hashes)
     return write_report(
@@ -642,7 +653,7 @@ def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, t
         convergence_fraction=cfg.report.convergence_fraction,
         target_val_dsc=cfg.report.target_val_dsc,
         title_note=f"config hash {cfg.config_hash}; tracking {uri}",
-        sweep=sweep_table(results, cfg.sweep.methods, cfg.sweep_networks, cfg.sweep_seeds, cfg.overrides.get("method") or {})
-        if cfg.sweep.methods
-        else None,
+        sweep=sweep
+        if sweep is not None or not cfg.sweep.methods
+        else sweep_table(results, cfg.sweep.methods, cfg.sweep_networks, cfg.sweep_seeds, cfg.overrides.get("method") or {}),
     )
