@@ -17,7 +17,7 @@ from qgssl_monai.errors import find_actionable
 
 # module path -> the sub-commands it registers (names shown before the module is imported)
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "qgssl_monai.data.cli": ("prepare", "validate-manifest", "demo-data"),
+    "qgssl_monai.data.cli": ("prepare", "subset-labels", "validate-manifest", "demo-data"),
     "qgssl_monai.serving.cli": ("quality-check",),
     "qgssl_monai.experiments.cli": ("experiment", "demo-job"),
 }

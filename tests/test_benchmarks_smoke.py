@@ -112,3 +112,12 @@ def test_bench_scaling_quick(tmp_path: Path) -> None:
     lines = table_lines(result)
     printed = [line.split()[:4] for line in lines[-3:]]
     assert printed == [["sup", "32", "-", "0"], ["pl-qw", "32", "1x", "8"], ["pl-qw", "32", "2x", "16"]]
+
+
+def test_bench_method_step_cost_quick() -> None:
+    bench = load_script("bench_method_step_cost")
+    sup_cpu, sup_wall = bench.step_cost("sup", "unet", size=32, batch=2, steps=2)
+    qw_cpu, _ = bench.step_cost("mt-qw", "unet", size=32, batch=2, steps=2)
+    assert 0 < sup_cpu < 60 and 0 < sup_wall < 60
+    assert qw_cpu > sup_cpu  # teacher, unlabeled forward and g cost more than the supervised step alone
+    assert set(bench.STUDY_METHODS) >= {"sup", "pl-qw", "qar+qw", "fdpl-qw"}

@@ -39,6 +39,10 @@ def per_image_dsc(method: str, seed: int) -> np.ndarray:
     return OFFSET[method] + 0.01 * seed + PATTERN + jitter
 
 
+def auroc_curve(seed: int) -> list[float]:
+    return [0.5 + 0.05 * epoch + 0.01 * seed for epoch in range(4)]
+
+
 def val_curve(method: str) -> list[float]:
     return {"sup": [0.2, 0.5, 0.58, 0.6], "mt": [0.3, 0.69, 0.7, 0.72], "mt_qw": [0.5, 0.73, 0.74, 0.75], "qar": [0.4, 0.6, 0.7, 0.71]}[method]
 
@@ -62,6 +66,9 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
             tracker.log_metrics(run_id, {"test_dsc_mean": float(dsc.mean()), "test_iou_mean": float((dsc / (2 - dsc)).mean())})
             for epoch, value in enumerate(val_curve(method), start=1):
                 tracker.log_metrics(run_id, {"val_dsc": value + 0.001 * seed}, step=epoch)
+                if method == "mt_qw":  # the quality-weight diagnostics the bundle's handlers log per epoch
+                    hist = {f"quality_weight_hist_{k:02d}": v for k, v in enumerate([0.1, 0.2, 0.3, 0.4])}
+                    tracker.log_metrics(run_id, {**hist, "val_pseudo_label_auroc": auroc_curve(seed)[epoch - 1]}, step=epoch)
             tracker.finish(run_id)
     # an unfinished run and a run of another step hash must both be ignored when hashes are given
     stale = tracker.create("ssl:sup:unet:9", {"qgssl_experiment": "report-test", "qgssl_kind": "ssl", "qgssl_step": "ssl:sup:unet:9",
@@ -112,15 +119,26 @@ def test_table_numbers_bold_best_and_paired_test_are_exact(tracked: tuple[str, P
 
     gains = improvements(results, METHODS, ["unet"], "wilcoxon").set_index("comparison")
     assert gains.index.tolist() == ["mt_qw vs mt", "qar vs mt"]  # QAR against the best baseline (mt)
-    ours = np.concatenate([per_image_dsc("mt_qw", s) for s in SEEDS])
-    theirs = np.concatenate([per_image_dsc("mt", s) for s in SEEDS])
+    # n = images: each image's DSC is averaged over the 3 seeds before the signed-rank test
+    ours = np.mean([per_image_dsc("mt_qw", s) for s in SEEDS], axis=0)
+    theirs = np.mean([per_image_dsc("mt", s) for s in SEEDS], axis=0)
     expected = stats.wilcoxon(ours, theirs)
-    assert gains.loc["mt_qw vs mt", "n_pairs"] == 18
-    assert gains.loc["mt_qw vs mt", "p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
-    assert gains.loc["mt_qw vs mt", "delta_dsc"] == pytest.approx(np.mean(seed_means) - np.mean([per_image_dsc("mt", s).mean() for s in SEEDS]))
+    row = gains.loc["mt_qw vs mt"]
+    assert (row["n_images"], row["n_seeds"], row["kind"]) == (6, 3, "vs base")
+    assert row["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert row["statistic"] == pytest.approx(expected.statistic)
+    pooled = stats.wilcoxon(np.concatenate([per_image_dsc("mt_qw", s) for s in SEEDS]), np.concatenate([per_image_dsc("mt", s) for s in SEEDS]))
+    assert not np.isclose(pooled.pvalue, expected.pvalue)  # seed x image pooling would give another answer
+    mt_means = [per_image_dsc("mt", s).mean() for s in SEEDS]
+    assert row["delta_dsc"] == pytest.approx(100 * (np.mean(seed_means) - np.mean(mt_means)))  # DSC points
+    assert row["mean_diff"] == pytest.approx(100 * (ours - theirs).mean())
+    deltas = [100 * (a - b) for a, b in zip(seed_means, mt_means)]
+    assert row["seed_deltas"] == " / ".join(f"{d:+.2f}" for d in deltas)
+    assert row["seeds_better"] == f"{sum(d > 0 for d in deltas)}/3"
     ttest = improvements(results, METHODS, ["unet"], "ttest").set_index("comparison")
-    qar = np.concatenate([per_image_dsc("qar", s) for s in SEEDS])
+    qar = np.mean([per_image_dsc("qar", s) for s in SEEDS], axis=0)
     assert ttest.loc["qar vs mt", "p_value"] == pytest.approx(stats.ttest_rel(qar, theirs).pvalue, rel=1e-9)
+    assert ttest.loc["qar vs mt", "kind"] == "vs best non-guided"
 
 
 def test_unfinished_and_stale_runs_are_ignored(tracked: tuple[str, Path]) -> None:
@@ -147,9 +165,9 @@ def test_report_renders_html_and_valid_pngs(tracked: tuple[str, Path]) -> None:
     page = write_report(out / "report", experiment_name="report-test", methods=METHODS, networks=["unet"], results=results,
                         quality_predictions=predictions)  # fmt: skip
     text = page.read_text()
-    assert "<table>" in text and "<b>" in text and text.count("data:image/png;base64,") == 3
+    assert "<table>" in text and "<b>" in text and text.count("data:image/png;base64,") == 5
     assert "Pearson r = " in text
-    for name in ("val_curves.png", "quality_scatter.png", "convergence.png"):
+    for name in ("val_curves.png", "quality_scatter.png", "convergence.png", "sup_val_curve.png", "diagnostics.png"):
         with Image.open(out / "report" / name) as image:
             image.verify()
             assert image.format == "PNG"
@@ -157,6 +175,21 @@ def test_report_renders_html_and_valid_pngs(tracked: tuple[str, Path]) -> None:
     assert conv.loc["mt_qw", "e_val_mean"] == 2.0 and conv.loc["sup", "e_val_mean"] == 3.0
     for name in ("table1.md", "table1.csv", "table1.tex", "improvements.csv"):
         assert (out / "report" / name).stat().st_size > 0
+    plateau = pd.read_csv(out / "report" / "plateau.csv").set_index("method")
+    # 4 epochs: best up to epoch floor(0.8 * 4) = 3 vs best at the end, mean over seeds (val + 0.001 * seed)
+    assert plateau.loc["sup", "gain_last_20"] == pytest.approx(100 * (0.60 - 0.58))
+    assert plateau.loc["sup", "best_at_end"] == pytest.approx(100 * (0.60 + 0.001))
+    assert plateau.loc["mt_qw", "gain_last_20"] == pytest.approx(1.0)
+    assert not plateau.loc["sup", "plateaued"] and not plateau.loc["qar", "gain_last_20"] < 0.99
+    seeds = pd.read_csv(out / "report" / "seeds.csv").set_index("method")
+    sup_means = [100 * per_image_dsc("sup", s).mean() for s in SEEDS]
+    assert seeds.loc["sup", "seed1"] == pytest.approx(sup_means[1])
+    assert seeds.loc["sup", "sd"] == pytest.approx(np.std(sup_means, ddof=1))
+    assert seeds.loc["sup", "spread"] == pytest.approx(max(sup_means) - min(sup_means))
+    diagnostics = pd.read_csv(out / "report" / "diagnostics.csv").set_index("method")
+    assert diagnostics.index.tolist() == ["mt_qw"]
+    assert diagnostics.loc["mt_qw", "auroc_last"] == pytest.approx(np.mean([auroc_curve(s)[-1] for s in SEEDS]))
+    assert diagnostics.loc["mt_qw", "auroc_mean"] == pytest.approx(np.mean([np.mean(auroc_curve(s)) for s in SEEDS]))
 
 
 def test_reduced_method_set_on_a_second_network_compares_with_the_best_baseline() -> None:
@@ -172,6 +205,7 @@ def test_reduced_method_set_on_a_second_network_compares_with_the_best_baseline(
             )
     table = improvements(results, ["sup", "pl_t", "pl_qw", "mt", "qar"], ["a", "b"], "wilcoxon")
     rows = {(r.comparison, r.network): r for r in table.itertuples()}
-    assert set(rows) == {("pl_qw vs pl_t", "a"), ("qar vs mt", "a"), ("pl_qw vs sup", "b"), ("qar vs sup", "b")}
-    assert rows[("pl_qw vs sup", "b")].delta_dsc == pytest.approx(0.58 - 0.60)
-    assert rows[("qar vs mt", "a")].n_pairs == 8
+    # on "a" PL-QW meets its base (pl_t) and the best non-guided method (mt) as well
+    assert set(rows) == {("pl_qw vs pl_t", "a"), ("pl_qw vs mt", "a"), ("qar vs mt", "a"), ("pl_qw vs sup", "b"), ("qar vs sup", "b")}
+    assert rows[("pl_qw vs sup", "b")].delta_dsc == pytest.approx(100 * (0.58 - 0.60))
+    assert (rows[("qar vs mt", "a")].n_images, rows[("qar vs mt", "a")].n_seeds) == (4, 2)

@@ -76,6 +76,10 @@ def test_method_overlay_trains_one_epoch(method: str, demo_manifest: Path, quali
     if method in QUALITY_WEIGHTED:
         # an untrained g scores ~0.5: the weights are the predictor's output, not the neutral 1.0
         assert 0.0 < metrics["train_quality_weight_mean"] < 1.0
+        # diagnostics: the weight histogram (fractions per bin) and the validation pseudo-label ranking
+        assert sum(metrics[f"quality_weight_hist_{k:02d}"] for k in range(10)) == pytest.approx(1.0)
+        assert metrics["val_pseudo_label_count"] >= len(load_split(demo_manifest, "validation"))
+        assert 0.0 <= metrics["val_pseudo_label_dice_mean"] <= 1.0
     else:
         assert metrics["train_quality_weight_mean"] == 1.0
     if method == "sup":
@@ -290,7 +294,8 @@ def test_mlflow_tracking_records_params_and_metrics(demo_manifest: Path, quality
     params = run.data.params
     assert params["method"] == "pl-qw" and params["network"] == "unet" and params["seed"] == "7"
     assert params["dataset"] == "demo" and params["image_size"] == "64" and params["unsup_weight"] == "0.25"
-    per_epoch = ("train_sup_loss", "train_unsup_loss", "train_unsup_weight", "train_quality_weight_mean", "val_mean_dice")
+    per_epoch = ("train_sup_loss", "train_unsup_loss", "train_unsup_weight", "train_quality_weight_mean", "val_mean_dice",
+                 "quality_weight_hist_00", "val_pseudo_label_dice_mean", "val_pseudo_label_count")  # fmt: skip
     for name in per_epoch:
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [1, 2], name

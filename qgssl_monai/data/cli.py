@@ -1,4 +1,4 @@
-"""Data sub-commands of ``qgssl``: ``prepare``, ``validate-manifest``, ``demo-data``.
+"""Data sub-commands of ``qgssl``: ``prepare``, ``subset-labels``, ``validate-manifest``, ``demo-data``.
 
 ``qgssl_monai.cli`` calls :func:`register` with its sub-parsers; every parser sets ``func=handler(args) -> int``
 (the process exit code).
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from qgssl_monai.data.manifest import DATA_ROOT_BASES, SPLITS, ManifestError
 
-__all__ = ["add_grey_tolerance_argument", "register", "run_demo_data", "run_prepare", "run_validate_manifest"]
+__all__ = [
+    "add_grey_tolerance_argument", "register", "run_demo_data", "run_prepare", "run_subset_labels", "run_validate_manifest",
+]
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -56,6 +58,23 @@ def run_prepare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return code
+
+
+def run_subset_labels(args: argparse.Namespace) -> int:
+    """``qgssl subset-labels``: 0 on success, 1 (message on stderr) when the manifest cannot be reduced."""
+    from qgssl_monai.data.label_subset import subset_labels
+    from qgssl_monai.data.manifest import load_manifest
+
+    try:
+        out = subset_labels(args.manifest, args.fraction, args.out, seed=args.seed, groups_file=args.groups, name=args.name)
+    except ManifestError as err:
+        print(f"qgssl subset-labels: {err}", file=sys.stderr)
+        return 1
+    header = load_manifest(out)
+    counts = ", ".join(f"{header[f'num_{s}']} {s}" for s in SPLITS)
+    groups = header.get("labeled_groups")
+    print(f"wrote {out} ({counts})" + (f"; labeled groups: {', '.join(groups)}" if groups else ""))
+    return 0
 
 
 def run_validate_manifest(args: argparse.Namespace) -> int:
@@ -128,7 +147,7 @@ def add_grey_tolerance_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``prepare``, ``validate-manifest`` and ``demo-data`` to the ``qgssl`` sub-parsers."""
+    """Add ``prepare``, ``subset-labels``, ``validate-manifest`` and ``demo-data`` to the ``qgssl`` sub-parsers."""
     from qgssl_monai.data.presets import PRESETS
 
     listing = "\n".join(f"  {name:<18} {PRESETS[name].description}" for name in sorted(PRESETS))
@@ -148,9 +167,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra folder(s) of unlabeled images, e.g. another data set (cross-source setting)",
     )  # fmt: skip
     prepare.add_argument(
-        "--labeled-fraction", "--label-ratio", dest="labeled_fraction", type=_fraction, default=1.0,
-        help="keep this seeded fraction of training labeled; move the rest to unlabeled (default 1); "
-        "e.g. 0.05/0.1/0.2 for the 3D papers' label ratios",
+        "--labeled-fraction", "--label-fraction", "--label-ratio", dest="labeled_fraction", type=_fraction, default=1.0,
+        help="keep this seeded fraction of the training groups (images without groups) labeled; move the rest "
+        "to unlabeled (default 1; nested: a smaller fraction's labeled set is inside a larger one's); "
+        "e.g. 0.25, or 0.05/0.1/0.2 for the 3D papers' label ratios",
     )  # fmt: skip
     prepare.add_argument(
         "--groups", default=None, metavar="FILE",
@@ -168,6 +188,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check every listed file after writing, exit 1 listing the bad ones (default: on)",
     )  # fmt: skip
     prepare.set_defaults(func=run_prepare)
+
+    subset = subparsers.add_parser(
+        "subset-labels",
+        help="keep a grouped, seeded fraction of a manifest's labeled training set",
+        description="Write a copy of MANIFEST keeping FRACTION of its labeled training groups (whole video "
+        "sequences for CVC-ClinicDB, images for data sets without groups), the same selection as "
+        "'qgssl prepare --label-fraction'; validation and test unchanged, the rest of training moved to unlabeled.",
+    )
+    subset.add_argument("manifest", help="manifest JSON with the full labeled training set")
+    subset.add_argument("--fraction", type=_fraction, required=True, help="labeled fraction in (0, 1], e.g. 0.25")
+    subset.add_argument("--out", required=True, help="output manifest path")
+    subset.add_argument("--seed", type=int, default=None, help="selection seed (default: the manifest's split_seed)")
+    subset.add_argument("--groups", default=None, metavar="FILE", help="CSV 'stem,group' (or JSON) when the manifest's groups cannot be derived")
+    subset.add_argument("--name", default=None, help="manifest name (default <name>-labeled<percent>)")
+    subset.set_defaults(func=run_subset_labels)
 
     validate = subparsers.add_parser(
         "validate-manifest",

@@ -249,26 +249,49 @@ def grouped_split(
 
 
 def hold_out_labels(
-    training: Sequence[Mapping[str, Any]], labeled_fraction: float, *, seed: int = 0
+    training: Sequence[Mapping[str, Any]],
+    labeled_fraction: float,
+    *,
+    seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Keep a seeded ``labeled_fraction`` of training entries labeled; the rest become unlabeled images.
+    """Keep a seeded ``labeled_fraction`` of training entries (or of their groups) labeled; the rest become unlabeled.
+
+    Without ``groups`` the kept count is ``max(1, round(fraction * n))`` entries, the first of one seeded
+    permutation of the entries. With ``groups`` (e.g. the video sequence of each frame) whole groups are kept:
+    the distinct groups are naturally sorted, permuted by ``numpy.random.default_rng(seed)`` and the first
+    ``max(1, round(fraction * n_groups))`` are kept (5 of CVC-ClinicDB's 20 training sequences at 0.25).
+    Either way the selection is a prefix of one seeded order, so for the same seed and entries a smaller
+    fraction's labeled set is a subset of any larger fraction's (nested label fractions).
 
     Args:
         training: ``{"image", "label"}`` entries.
-        labeled_fraction: in ``(0, 1]``; the kept count is ``max(1, round(fraction * n))``.
+        labeled_fraction: in ``(0, 1]``.
         seed: selection seed.
+        groups: optional group label per entry (same length as ``training``).
 
     Returns:
         ``(labeled, unlabeled)``: labeled entries unchanged, unlabeled entries reduced to ``{"image"}``,
         both in input order.
+
+    Raises:
+        ManifestError: fraction outside ``(0, 1]`` or mismatched ``groups`` length.
     """
     if not 0.0 < labeled_fraction <= 1.0:
         raise ManifestError(f"labeled fraction must be in (0, 1], got {labeled_fraction}")
     count = len(training)
+    if groups is not None and len(groups) != count:
+        raise ManifestError(f"got {len(groups)} group labels for {count} training entries")
     if count == 0 or labeled_fraction == 1.0:
         return [dict(e) for e in training], []
-    keep = max(1, int(round(labeled_fraction * count)))
-    chosen = set(np.random.default_rng(seed).permutation(count)[:keep].tolist())
+    if groups is None:
+        keep = max(1, int(round(labeled_fraction * count)))
+        chosen = set(np.random.default_rng(seed).permutation(count)[:keep].tolist())
+    else:
+        ordered = sorted(set(groups), key=lambda g: natural_key(str(g)))
+        keep = max(1, int(round(labeled_fraction * len(ordered))))
+        kept_groups = {ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:keep]}
+        chosen = {i for i, group in enumerate(groups) if group in kept_groups}
     labeled = [dict(e) for i, e in enumerate(training) if i in chosen]
     unlabeled = [{"image": e["image"]} for i, e in enumerate(training) if i not in chosen]
     return labeled, unlabeled

@@ -35,12 +35,14 @@ from qgssl_monai.data.manifest import (
 
 __all__ = [
     "CVC_CLINICDB_SEQUENCE_ENDS",
+    "GROUP_OF_STEM",
     "IMAGE_SUFFIXES",
     "MASK_SUFFIXES",
     "PRESETS",
     "DatasetInfo",
     "Preset",
     "ScanResult",
+    "cvc_clinicdb_group",
     "cvc_clinicdb_sequence",
     "list_images",
     "mask_key",
@@ -246,6 +248,16 @@ _POLYP = {"0": "background", "1": "polyp"}
 _LESION = {"0": "background", "1": "lesion"}
 
 
+def cvc_clinicdb_group(stem: str) -> str:
+    """Group label of a CVC-ClinicDB frame file stem (``"105"`` -> ``"sequence-06"``)."""
+    return f"sequence-{cvc_clinicdb_sequence(int(stem)):02d}"
+
+
+#: preset -> group label of an image file stem, for presets whose groups follow from file names (lets
+#: ``qgssl subset-labels`` recover the groups of an existing manifest without re-scanning the data)
+GROUP_OF_STEM: dict[str, Callable[[str], str]] = {"cvc-clinicdb": cvc_clinicdb_group}
+
+
 def _scan_image_mask_dirs(image_dir: Path, mask_dir: Path) -> ScanResult:
     """Labeled pairs of two folders, matched by file stem (mask suffixes tolerated)."""
     return ScanResult(
@@ -315,7 +327,7 @@ def scan_cvc_clinicdb(root: Path) -> ScanResult:
         stem = Path(pair["image"]).stem
         if not stem.isdigit():
             raise ManifestError(f"CVC-ClinicDB frame file {pair['image']} is not named <frame number>")
-        groups.append(f"sequence-{cvc_clinicdb_sequence(int(stem)):02d}")
+        groups.append(cvc_clinicdb_group(stem))
     return ScanResult(labeled=pairs, groups=groups, group_rule="whole video sequences (29) per split")
 
 
@@ -535,7 +547,8 @@ def prepare_manifest(
         seed: split seed (and labeled-subset seed).
         unlabeled_roots: extra folders whose images (see :func:`scan_unlabeled_folder`) are appended to
             ``unlabeled``, e.g. another data set in the cross-source setting.
-        labeled_fraction: keep this seeded fraction of ``training`` labeled; the rest go to ``unlabeled``.
+        labeled_fraction: keep this seeded fraction of the ``training`` groups (images when the preset has no
+            groups) labeled; the rest go to ``unlabeled`` (:func:`~qgssl_monai.data.manifest.hold_out_labels`).
         ratios: training/validation/test fractions by image count.
         name: manifest ``name``; default the preset name (``+unlabeled-<folder>`` per extra source).
         groups_file: CSV with columns ``stem,group`` (or a JSON object ``{stem: group}``) assigning every
@@ -569,7 +582,11 @@ def prepare_manifest(
     splits: dict[str, list[dict[str, str]]] = {s: [by_image[k] for k in assignment[s]] for s in assignment}
     held_out: list[dict[str, str]] = []
     if labeled_fraction < 1.0:
-        splits["training"], held_out = hold_out_labels(splits["training"], labeled_fraction, seed=seed)
+        group_of = dict(zip(keys, scanned.groups)) if scanned.groups is not None else None
+        training_groups = None if group_of is None else [group_of[e["image"]] for e in splits["training"]]
+        splits["training"], held_out = hold_out_labels(
+            splits["training"], labeled_fraction, seed=seed, groups=training_groups
+        )
     unlabeled = [*held_out, *scanned.unlabeled, *extra_unlabeled]
     labeled_images = {entry["image"] for entry in scanned.labeled} | {e.get("label", "") for e in scanned.labeled}
     overlap = sorted(e["image"] for e in [*scanned.unlabeled, *extra_unlabeled] if e["image"] in labeled_images)
@@ -584,7 +601,8 @@ def prepare_manifest(
     else:
         rule = "unlabeled only"
     if labeled_fraction < 1.0:
-        rule += f"; {labeled_fraction:g} of training kept labeled, the rest moved to unlabeled"
+        unit = "training groups" if scanned.groups is not None else "training images"
+        rule += f"; {labeled_fraction:g} of {unit} kept labeled (seeded, nested), the rest moved to unlabeled"
     extra_header: dict[str, Any] = {
         "preset": preset,
         "labels": dict(spec.info.labels),

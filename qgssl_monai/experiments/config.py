@@ -35,6 +35,8 @@ __all__ = [
     "ExecutionSpec",
     "ReportSpec",
     "QUALITY_GUIDED",
+    "SweepSpec",
+    "overlay_of",
     "base_of_qw",
     "default_bundles_dir",
     "available_overlays",
@@ -47,8 +49,15 @@ __all__ = [
 QUALITY_GUIDED = ("qar",)
 
 
+def overlay_of(method: str) -> str:
+    """The method overlay a grid name runs: ``"pl_qw@lam1"`` (a sweep variant of ``pl_qw``, see
+    :class:`SweepSpec`) -> ``"pl_qw"``; a plain name is its own overlay."""
+    return method.split("@", 1)[0]
+
+
 def is_quality_guided(method: str) -> bool:
-    """True when ``method`` uses g: QAR and every ``*_qw`` variant."""
+    """True when ``method`` uses g: QAR and every ``*_qw`` variant (sweep variants as their overlay)."""
+    method = overlay_of(method)
     return method in QUALITY_GUIDED or method.endswith("_qw")
 
 
@@ -59,6 +68,7 @@ QW_BASE = {"pl_qw": "pl_t"}
 
 def base_of_qw(method: str) -> str | None:
     """The baseline a ``*_qw`` method is compared against (``mt_qw`` -> ``mt``, ``pl_qw`` -> ``pl_t``), or None."""
+    method = overlay_of(method)
     if method in QW_BASE:
         return QW_BASE[method]
     return method[: -len("_qw")] if method.endswith("_qw") else None
@@ -153,6 +163,23 @@ class ReportSpec:
 
 
 @dataclass
+class SweepSpec:
+    """A small hyperparameter sweep, judged on the validation split only.
+
+    ``methods``: variants ``<overlay>@<tag>`` (e.g. ``pl_qw@lam1``) whose settings are
+    ``overrides.method["<overlay>@<tag>"]`` on top of the overlay's own ``overrides.method["<overlay>"]``.
+    They run as extra SSL steps (``ssl:<variant>:<network>:<seed>``) on ``networks`` (default: the first
+    network) and ``seeds`` (default: the first seed), beside the grid; the report's sweep table ranks each
+    overlay's variants (and the overlay itself) by best validation DSC over those seeds. Test DSC of the
+    variants never enters Table 1 or the comparisons.
+    """
+
+    methods: list[str] = field(default_factory=list)
+    networks: list[str] | None = None
+    seeds: list[int] | None = None
+
+
+@dataclass
 class ExperimentConfig:
     """A validated experiment. Paths are absolute (resolved against the YAML's folder)."""
 
@@ -166,6 +193,7 @@ class ExperimentConfig:
     quality: QualitySpec = field(default_factory=QualitySpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
     network_size: str = "small"
     #: bundle overrides: ``global`` (every bundle), ``ssl`` (every SSL run), ``method: {name: {...}}``,
     #: ``network: {name: {...}}``, ``evaluate`` (the test evaluation)
@@ -193,13 +221,24 @@ class ExperimentConfig:
         merged.update(self.overrides.get("global", {}) or {})
         merged.update(self.overrides.get("ssl", {}) or {})
         merged.update((self.overrides.get("network", {}) or {}).get(network, {}) or {})
-        merged.update((self.overrides.get("method", {}) or {}).get(method, {}) or {})
+        per_method = self.overrides.get("method", {}) or {}
+        merged.update(per_method.get(overlay_of(method), {}) or {})
+        if overlay_of(method) != method:
+            merged.update(per_method.get(method, {}) or {})
         return merged
+
+    @property
+    def sweep_networks(self) -> list[str]:
+        return list(self.sweep.networks or self.networks[:1])
+
+    @property
+    def sweep_seeds(self) -> list[int]:
+        return list(self.sweep.seeds if self.sweep.seeds is not None else self.seeds[:1])
 
 
 _TOP_KEYS = {
     "name", "data", "methods", "networks", "seeds", "epochs", "image_size", "quality", "execution",
-    "report", "network_size", "overrides", "output", "bundles_dir", "demo_data",
+    "report", "network_size", "overrides", "output", "bundles_dir", "demo_data", "sweep",
 }  # fmt: skip
 _OVERRIDE_KEYS = {"global", "ssl", "method", "network", "evaluate", "quality"}
 
@@ -292,7 +331,9 @@ def load_experiment(
     quality = _dataclass_from(QualitySpec, raw.get("quality"), "quality", errors)
     execution = _dataclass_from(ExecutionSpec, raw.get("execution"), "execution", errors)
     report = _dataclass_from(ReportSpec, raw.get("report"), "report", errors)
+    sweep = _dataclass_from(SweepSpec, raw.get("sweep"), "sweep", errors)
     methods = _names(raw["methods"], "methods", errors)
+    sweep_methods = _names(sweep.methods, "sweep.methods", errors) if isinstance(sweep, SweepSpec) and sweep.methods else []
     networks = _names(raw["networks"], "networks", errors)
     seeds = raw["seeds"]
     if isinstance(seeds, int):
@@ -314,7 +355,8 @@ def load_experiment(
         if bad:
             errors.append(f"overrides: unknown section(s) {bad}; allowed: {sorted(_OVERRIDE_KEYS)}")
         for section in ("method", "network"):
-            extra = sorted(set(overrides.get(section) or {}) - set(methods if section == "method" else networks))
+            named = [*methods, *sweep_methods, *map(overlay_of, sweep_methods)] if section == "method" else networks
+            extra = sorted(set(overrides.get(section) or {}) - set(named))
             if extra:
                 errors.append(f"overrides.{section}: {extra} not in the experiment's {section}s")
 
@@ -322,9 +364,9 @@ def load_experiment(
     if not Path(bundles_dir, "ssl_segmentation").is_dir():
         errors.append(f"bundles_dir: no ssl_segmentation bundle under {bundles_dir}")
     else:
-        for kind, names, label in (("method", methods, "methods"), ("net", networks, "networks")):
+        for kind, names, label in (("method", methods + sweep_methods, "methods"), ("net", networks, "networks")):
             known = available_overlays(Path(bundles_dir), kind)
-            missing = [n for n in names if n not in known]
+            missing = [n for n in names if overlay_of(n) not in known]
             if missing:
                 errors.append(f"{label}: unknown {missing}; available: {known}")
 
@@ -365,6 +407,12 @@ def load_experiment(
             isinstance(e, int) and e >= 1 for e in quality.weak_epochs
         ):
             errors.append(f"quality.weak_epochs: expected a positive integer or a list of epochs >= 1, got {weak!r}")
+    if isinstance(sweep, SweepSpec):
+        sweep.methods = sweep_methods
+        if sweep.networks is not None and not set(_names(sweep.networks, "sweep.networks", errors)) <= set(networks):
+            errors.append(f"sweep.networks: {sweep.networks} must be among the experiment's networks {networks}")
+        if sweep.seeds is not None and (not isinstance(sweep.seeds, list) or not all(isinstance(x, int) and x >= 0 for x in sweep.seeds)):
+            errors.append(f"sweep.seeds: expected a list of integers >= 0, got {sweep.seeds!r}")
     if errors:
         raise ExperimentConfigError(f"{where}: " + "; ".join(errors))
     return ExperimentConfig(
@@ -378,6 +426,7 @@ def load_experiment(
         quality=quality,
         execution=execution,
         report=report,
+        sweep=sweep,
         network_size=str(raw.get("network_size", "small")),
         overrides={k: dict(v or {}) for k, v in overrides.items()},
         output=_resolve(raw.get("output"), base),

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from qgssl_monai.experiments.bundle_main import known_notices_filtered
-from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided
+from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided, overlay_of
 from qgssl_monai.experiments.report import PER_IMAGE_ARTIFACT, QUALITY_ARTIFACT
 from qgssl_monai.experiments.runner import Step, StepContext
 
@@ -48,13 +48,17 @@ __all__ = [
     "git_commit",
     "resolve_devices",
     "HYPERPARAMETER_IDS",
+    "step_hashes",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: MLflow param -> bundle config id read from the merged config (the method's options); ``lambda`` is the
 #: engine's ``unsup_weight_max`` the bundle itself logs as ``unsup_weight``
-HYPERPARAMETER_IDS = {"tau": "method#confidence_threshold", "T": "method#temperature"}
+HYPERPARAMETER_IDS = {
+    "tau": "method#confidence_threshold", "T": "method#temperature",
+    "qw_mode": "method#qw_mode", "qw_tau": "method#qw_threshold",
+}  # fmt: skip
 VAL_METRIC_CANDIDATES = ("val_mean_dice", "val_dice", "val_dsc")
 
 
@@ -339,7 +343,7 @@ class ExperimentPipeline:
         ]
         quality_ckpt = cfg.quality.checkpoint or str(self.quality_models / "model.pt")
         quality_deps: list[str] = []
-        if cfg.quality.checkpoint is None and any(is_quality_guided(m) for m in cfg.methods):
+        if cfg.quality.checkpoint is None and any(is_quality_guided(m) for m in [*cfg.methods, *cfg.sweep.methods]):
             from qgssl_monai.transforms.weak import weak_snapshot_filename
 
             weak = {"weak_epochs": weak_epochs, "seed": 0, **q_over}
@@ -360,6 +364,12 @@ class ExperimentPipeline:
             for network in cfg.networks:
                 for seed in cfg.seeds:
                     steps.append(self._ssl_step(method, network, seed, quality_ckpt, quality_deps))
+        grid = {step.key for step in steps}
+        for method in cfg.sweep.methods:  # validation-only sweep variants beside the grid
+            for network in cfg.sweep_networks:
+                for seed in cfg.sweep_seeds:
+                    if f"ssl:{method}:{network}:{seed}" not in grid:
+                        steps.append(self._ssl_step(method, network, seed, quality_ckpt, quality_deps))
         return steps
 
     @staticmethod
@@ -429,7 +439,7 @@ class ExperimentPipeline:
         return self.out / "ssl" / method / network / f"seed{seed}"
 
     def _ssl_files(self, method: str, network: str) -> list[str]:
-        files = ["train.json", f"method/{method}.json", f"net/{network}.json"]
+        files = ["train.json", f"method/{overlay_of(method)}.json", f"net/{network}.json"]
         if self.launch.ddp_nproc > 1:
             files.append("multi_gpu_train.json")
         return files
@@ -613,17 +623,27 @@ def run_experiment(
     return 1 if bad else 0
 
 
-def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan."""
-    from qgssl_monai.experiments.report import load_quality_predictions, load_results, write_report
+def step_hashes(cfg: ExperimentConfig, out: Path, tracking_uri: str) -> dict[str, str]:
+    """Step key -> step hash of ``cfg``'s current plan (what :func:`load_results` matches runs against)."""
     from qgssl_monai.experiments.runner import ExperimentRunner
-    from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
+    from qgssl_monai.experiments.tracking import StepTracker
+
+    runner = ExperimentRunner(ExperimentPipeline(cfg, out, tracking_uri).steps(), StepTracker(tracking_uri, cfg.name), cfg.config_hash)
+    return {key: step.hash for key, step in runner.by_key.items()}
+
+
+def report_experiment(
+    cfg: ExperimentConfig, output: str | Path | None = None, tracking_uri: str | None = None, sweep: Any = None
+) -> Path:
+    """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan (``sweep``: a
+    precomputed sweep table to show, e.g. from before the sweep winners were written into ``cfg``; default:
+    computed from ``cfg``)."""
+    from qgssl_monai.experiments.report import load_quality_predictions, load_results, sweep_table, write_report
+    from qgssl_monai.experiments.tracking import default_tracking_uri
 
     out = resolve_output(cfg, output)
     uri = tracking_uri or default_tracking_uri(out)
-    pipeline = ExperimentPipeline(cfg, out, uri)
-    runner = ExperimentRunner(pipeline.steps(), StepTracker(uri, cfg.name), cfg.config_hash)
-    hashes = {key: step.hash for key, step in runner.by_key.items()}
+    hashes = step_hashes(cfg, out, uri)
     results = load_results(uri, cfg.name, hashes)
     quality = load_quality_predictions(uri, cfg.name, hashes)
     return write_report(
@@ -637,4 +657,7 @@ def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, t
         convergence_fraction=cfg.report.convergence_fraction,
         target_val_dsc=cfg.report.target_val_dsc,
         title_note=f"config hash {cfg.config_hash}; tracking {uri}",
+        sweep=sweep
+        if sweep is not None or not cfg.sweep.methods
+        else sweep_table(results, cfg.sweep.methods, cfg.sweep_networks, cfg.sweep_seeds, cfg.overrides.get("method") or {}),
     )

@@ -40,6 +40,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from qgssl_monai.experiments.config import base_of_qw, is_quality_guided
+from qgssl_monai.data.manifest import natural_key
 from qgssl_monai.experiments.tracking import TAG_EXPERIMENT, TAG_KIND, TAG_STEP, TAG_STEP_HASH
 from qgssl_monai.metrics import mean_se as metrics_mean_se
 
@@ -54,9 +55,14 @@ __all__ = [
     "summary_table",
     "render_table",
     "paired_test",
+    "seed_averaged_pairs",
+    "seed_table",
     "improvements",
     "first_epoch_reaching",
     "convergence_table",
+    "plateau_table",
+    "diagnostics_table",
+    "sweep_table",
     "write_report",
 ]
 
@@ -67,6 +73,11 @@ PER_IMAGE_ARTIFACT = "metrics/test_per_image.csv"
 #: predicted quality vs true Dice on the test set, logged on the quality evaluation run (columns true_dice, predicted)
 QUALITY_ARTIFACT = "quality/test_predictions.csv"
 METRICS = ("dsc", "iou")
+#: per-epoch metrics of the quality-weight diagnostics (qgssl_monai.handlers.quality_stats) read into the report
+DIAGNOSTIC_PREFIXES = ("quality_weight_", "val_pseudo_label_")
+#: the schedule counts as converged when the last ``1 - PLATEAU_AT`` of the epochs move the best validation
+#: DSC by less than ``PLATEAU_POINTS`` DSC points
+PLATEAU_AT, PLATEAU_POINTS = 0.8, 1.0
 
 
 @dataclass
@@ -80,6 +91,9 @@ class RunResult:
     test: dict[str, float]
     per_image: pd.DataFrame | None = None
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    #: per-epoch diagnostics of quality-guided runs: metric name -> [(epoch, value)] (``quality_weight_*``,
+    #: ``val_pseudo_label_*``)
+    diagnostics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -207,6 +221,10 @@ def load_results(
             for m in sorted(client.get_metric_history(result.run_id, "val_dsc"), key=lambda m: (m.step, m.timestamp)):
                 history[int(m.step)] = float(m.value)
             result.val_curve = sorted(history.items())
+            for name in sorted(metrics):
+                if name.startswith(DIAGNOSTIC_PREFIXES):
+                    points = {int(m.step): float(m.value) for m in sorted(client.get_metric_history(result.run_id, name), key=lambda m: (m.step, m.timestamp))}
+                    result.diagnostics[name] = sorted(points.items())
         results.append(result)
     return sorted(results, key=lambda r: (r.method, r.network, r.seed))
 
@@ -304,38 +322,71 @@ def render_table(table: pd.DataFrame, style: str) -> str:
     raise ValueError(f"unknown table style {style!r}; expected markdown, latex or csv")
 
 
+def _per_image_by_seed(results: Sequence[RunResult], method: str, network: str) -> dict[int, pd.Series]:
+    """Per-image test DSC (index: image name) of every seed of ``method`` on ``network`` that has the CSV."""
+    return {
+        r.seed: r.per_image.set_index("image")["dsc"].astype(float)
+        for r in results
+        if r.method == method and r.network == network and r.per_image is not None
+    }
+
+
+def seed_averaged_pairs(
+    results: Sequence[RunResult], method: str, baseline: str, network: str
+) -> tuple[pd.DataFrame, list[int]]:
+    """Each test image's DSC averaged over seeds, for ``method`` and ``baseline`` side by side.
+
+    Only seeds both methods ran (with per-image CSVs) and images present in every one of those runs are
+    used, so both columns average the same seeds.
+
+    Returns:
+        ``(frame, seeds)``: frame indexed by image with columns ``method`` and ``baseline`` (DSC in [0, 1]),
+        naturally sorted by image name; the seeds averaged over.
+    """
+    ours, theirs = _per_image_by_seed(results, method, network), _per_image_by_seed(results, baseline, network)
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return pd.DataFrame(columns=["method", "baseline"], dtype=float), []
+    images = set.intersection(*(set(ours[s].index) & set(theirs[s].index) for s in seeds))
+    order = sorted(images, key=lambda name: natural_key(str(name)))
+    frame = pd.DataFrame(
+        {
+            "method": [float(np.mean([ours[s][i] for s in seeds])) for i in order],
+            "baseline": [float(np.mean([theirs[s][i] for s in seeds])) for i in order],
+        },
+        index=pd.Index(order, name="image"),
+    )
+    return frame, seeds
+
+
 def paired_test(
     results: Sequence[RunResult], method: str, baseline: str, network: str, test: str = "wilcoxon"
 ) -> dict[str, Any]:
-    """Paired comparison of per-image test DSC of ``method`` vs ``baseline`` on ``network``.
+    """Paired comparison of per-image test DSC of ``method`` vs ``baseline`` on ``network``, n = images.
 
-    Pairs are (seed, image) present in both methods' per-image CSVs, pooled over seeds.
+    Each image's DSC is first averaged over the seeds both methods ran (:func:`seed_averaged_pairs`); the
+    test then pairs images, so seeds are not counted as independent samples (pooling seed x image pairs
+    would inflate n by the number of seeds). ``test``: ``"wilcoxon"`` = two-sided Wilcoxon signed-rank test
+    (``scipy.stats.wilcoxon`` defaults: zero differences dropped, exact or normal-approximation p-value as
+    scipy chooses), ``"ttest"`` = paired t-test (``scipy.stats.ttest_rel``).
 
     Returns:
-        ``{"n_pairs", "mean_diff" (per-image, method - baseline), "statistic", "p_value", "test"}``;
-        statistic/p-value are nan with fewer than 2 pairs or when every difference is zero.
+        ``{"n_images", "n_seeds", "mean_diff" (mean over images of the seed-averaged difference, DSC points),
+        "statistic", "p_value", "test"}``; statistic/p-value are nan with fewer than 2 images or when every
+        difference is zero.
     """
     from scipy import stats
 
-    def frames(name: str) -> dict[int, pd.DataFrame]:
-        return {
-            r.seed: r.per_image.set_index("image")["dsc"]
-            for r in results
-            if r.method == name and r.network == network and r.per_image is not None
-        }
-
-    ours, theirs = frames(method), frames(baseline)
-    a: list[float] = []
-    b: list[float] = []
-    for seed in sorted(set(ours) & set(theirs)):
-        common = sorted(set(ours[seed].index) & set(theirs[seed].index))
-        a.extend(float(ours[seed][i]) for i in common)
-        b.extend(float(theirs[seed][i]) for i in common)
-    out: dict[str, Any] = {"n_pairs": len(a), "mean_diff": math.nan, "statistic": math.nan, "p_value": math.nan, "test": test}
-    if not a:
+    frame, seeds = seed_averaged_pairs(results, method, baseline, network)
+    out: dict[str, Any] = {
+        "n_images": len(frame), "n_seeds": len(seeds), "mean_diff": math.nan,
+        "statistic": math.nan, "p_value": math.nan, "test": test,
+    }  # fmt: skip
+    if frame.empty:
         return out
-    diff = np.asarray(a) - np.asarray(b)
-    out["mean_diff"] = float(diff.mean())
+    a, b = frame["method"].to_numpy(), frame["baseline"].to_numpy()
+    diff = a - b
+    out["mean_diff"] = float(100 * diff.mean())
     if len(a) < 2 or np.all(diff == 0):
         return out
     res = stats.wilcoxon(a, b) if test == "wilcoxon" else stats.ttest_rel(a, b)
@@ -343,47 +394,83 @@ def paired_test(
     return out
 
 
+def seed_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
+    """Per-seed mean test DSC (DSC points) of every method and network, with the seed mean, sd and spread.
+
+    Columns: ``method``, ``network``, ``seed<k>`` per seed present anywhere, ``mean``, ``sd`` (ddof=1; nan
+    for one seed), ``spread`` (max - min over seeds), ``n``. Rows without any finished run are left out.
+    """
+    seeds = sorted({r.seed for r in results})
+    rows = []
+    for method in method_order(methods):
+        for network in networks:
+            values = {r.seed: 100 * r.test["dsc_mean"] for r in results
+                      if r.method == method and r.network == network and "dsc_mean" in r.test}  # fmt: skip
+            if not values:
+                continue
+            v = np.array(list(values.values()))
+            row: dict[str, Any] = {"method": method, "network": network}
+            row.update({f"seed{s}": values.get(s, math.nan) for s in seeds})
+            row.update(mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else math.nan,
+                       spread=float(v.max() - v.min()), n=len(v))  # fmt: skip
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "network", *(f"seed{s}" for s in seeds), "mean", "sd", "spread", "n"])
+
+
 def improvements(
     results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str], test: str = "wilcoxon"
 ) -> pd.DataFrame:
-    """Every ``*_qw`` vs its base and QAR vs the best non-quality-guided method, per network.
+    """Every quality-guided method against its base and against the best method without quality guidance.
 
-    Only methods with results on a network are compared there; a ``*_qw`` whose base was not run on that
-    network (e.g. a reduced method set on a second network) is compared with the best method without
-    quality guidance instead, like QAR. ``delta_dsc`` = difference of the seed-mean test DSC (the Table 1
-    numbers); the paired test is over per-image DSC (:func:`paired_test`).
+    Per network, only methods with results there are compared. Rows per quality-guided method
+    (:func:`~qgssl_monai.experiments.config.is_quality_guided`): ``vs base`` (``mt_qw`` vs ``mt``,
+    ``pl_qw`` vs ``pl_t``, ``qar_qw`` vs ``qar``) when the base ran, and ``vs best non-guided`` (the highest
+    Table 1 DSC among the methods without g, SUP included) unless that is its base. All DSC columns are in
+    DSC points (percent, as in Table 1): ``dsc``/``baseline_dsc``/``delta_dsc`` from the seed means of
+    Table 1; ``seed_deltas`` the per-seed differences of the runs' mean test DSC (seeds both ran),
+    ``seeds_better`` how many of them are > 0; ``mean_diff``, ``statistic``, ``p_value`` the paired test over
+    seed-averaged per-image DSC (:func:`paired_test`, ``n_images`` images, ``n_seeds`` seeds).
     """
     table = summary_table(results, methods, networks)
     dsc = {(r.method, r.network): r.mean for r in table[table.metric == "dsc"].itertuples()}
+    seed_dsc = {(r.method, r.network, r.seed): r.test["dsc_mean"] for r in results if "dsc_mean" in r.test}
     rows = []
     for network in networks:
         ran = [m for m in method_order(methods) if math.isfinite(dsc.get((m, network), math.nan))]
         baselines = [m for m in ran if not is_quality_guided(m)]
         best = max(baselines, key=lambda m: dsc[(m, network)]) if baselines else None
         pairs = []
-        for method in ran:
+        for method in (m for m in ran if is_quality_guided(m)):
             base = base_of_qw(method)
             if base in ran:
-                pairs.append((method, base))
-            elif (method == "qar" or base is not None) and best is not None:
-                pairs.append((method, best))
-        for method, base in pairs:
-            ours, theirs = dsc.get((method, network), math.nan), dsc.get((base, network), math.nan)
-            stats_row = paired_test(results, method, base, network, test)
+                pairs.append((method, base, "vs base"))
+            if best is not None and best != base:
+                pairs.append((method, best, "vs best non-guided"))
+        for method, base, kind in pairs:
+            ours, theirs = dsc[(method, network)], dsc[(base, network)]
+            seeds = sorted(s for (m, n, s) in seed_dsc if m == method and n == network and (base, network, s) in seed_dsc)
+            deltas = [100 * (seed_dsc[(method, network, s)] - seed_dsc[(base, network, s)]) for s in seeds]
             rows.append(
                 {
                     "comparison": f"{method} vs {base}",
                     "network": network,
-                    "dsc": ours,
-                    "baseline_dsc": theirs,
-                    "delta_dsc": ours - theirs,
-                    **stats_row,
+                    "kind": kind,
+                    "dsc": 100 * ours,
+                    "baseline_dsc": 100 * theirs,
+                    "delta_dsc": 100 * (ours - theirs),
+                    "seed_deltas": " / ".join(f"{d:+.2f}" for d in deltas),
+                    "seeds_better": f"{sum(d > 0 for d in deltas)}/{len(deltas)}",
+                    **paired_test(results, method, base, network, test),
                 }
             )
-    return pd.DataFrame(
-        rows,
-        columns=["comparison", "network", "dsc", "baseline_dsc", "delta_dsc", "n_pairs", "mean_diff", "statistic", "p_value", "test"],
-    )
+    return pd.DataFrame(rows, columns=IMPROVEMENT_COLUMNS)
+
+
+#: columns of :func:`improvements` (``improvements.csv``)
+IMPROVEMENT_COLUMNS = [
+    "comparison", "network", "kind", "dsc", "baseline_dsc", "delta_dsc", "seed_deltas", "seeds_better",
+    "n_images", "n_seeds", "mean_diff", "statistic", "p_value", "test",
+]  # fmt: skip
 
 
 def first_epoch_reaching(curve: Sequence[tuple[int, float]], fraction: float = 0.96, target: float | None = None) -> int | None:
@@ -410,6 +497,202 @@ def convergence_table(
                  "not_reached": len(epochs) - len(reached)}
             )  # fmt: skip
     return pd.DataFrame(rows, columns=["method", "network", "e_val_mean", "e_val_se", "n", "not_reached"])
+
+
+def _cells(
+    results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str], keep: Any
+) -> Iterator[tuple[str, str, list[RunResult]]]:
+    """``(method, network, runs)`` in table order, for the cells with at least one run passing ``keep(run)``."""
+    for method in method_order(methods):
+        for network in networks:
+            runs = [r for r in results if r.method == method and r.network == network and keep(r)]
+            if runs:
+                yield method, network, runs
+
+
+def plateau_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
+    """Has the schedule converged? Validation DSC over the last ``1 - PLATEAU_AT`` (20%) of the epochs.
+
+    Per run: ``best_at_80`` = best validation DSC up to epoch ``floor(0.8 E)``, ``best_at_end`` = best over
+    all ``E`` epochs (the checkpoint the test uses), ``gain_last_20`` = their difference, and
+    ``range_last_20`` = max - min of the raw curve over the last 20% (epoch-to-epoch noise included). All in
+    DSC points, mean over seeds; ``plateaued`` = every seed's ``gain_last_20`` < ``PLATEAU_POINTS``.
+    """
+    rows = []
+    for method, network, runs in _cells(results, methods, networks, lambda r: bool(r.val_curve)):
+        gains, at80, at_end, ranges = [], [], [], []
+        for run in runs:
+            epochs = [e for e, _ in run.val_curve]
+            cut = max(1, math.floor(PLATEAU_AT * max(epochs)))
+            head = [v for e, v in run.val_curve if e <= cut] or [run.val_curve[0][1]]
+            tail = [v for e, v in run.val_curve if e >= cut]
+            best80, best = 100 * max(head), 100 * max(v for _, v in run.val_curve)
+            at80.append(best80)
+            at_end.append(best)
+            gains.append(best - best80)
+            ranges.append(100 * (max(tail) - min(tail)))
+        rows.append({
+            "method": method, "network": network, "epochs": max(e for r in runs for e, _ in r.val_curve),
+            "best_at_80": float(np.mean(at80)), "best_at_end": float(np.mean(at_end)),
+            "gain_last_20": float(np.mean(gains)), "range_last_20": float(np.mean(ranges)),
+            "plateaued": bool(max(gains) < PLATEAU_POINTS), "n": len(runs),
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=["method", "network", "epochs", "best_at_80", "best_at_end", "gain_last_20",
+                                       "range_last_20", "plateaued", "n"])  # fmt: skip
+
+
+def diagnostics_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
+    """Quality-weight diagnostics per quality-weighted method and network, mean over seeds.
+
+    ``auroc_last`` / ``auroc_mean``: the weight-ranking AUROC on validation pseudo-labels (good = true Dice
+    >= the handler's threshold, 0.7 in the bundle) at the last epoch / averaged over epochs;
+    ``pl_dice_last``: mean true Dice of those pseudo-labels at the last epoch; ``good_fraction_last``;
+    ``weight_mean_last`` / ``weight_zero_last``: mean and zero share of the training weights in the last epoch.
+    """
+
+    def last(run: RunResult, name: str) -> float:
+        points = run.diagnostics.get(name)
+        return points[-1][1] if points else math.nan
+
+    def over_epochs(run: RunResult, name: str) -> float:
+        points = run.diagnostics.get(name)
+        return float(np.mean([v for _, v in points])) if points else math.nan
+
+    columns = {
+        "auroc_last": (last, "val_pseudo_label_auroc"),
+        "auroc_mean": (over_epochs, "val_pseudo_label_auroc"),
+        "pl_dice_last": (last, "val_pseudo_label_dice_mean"),
+        "good_fraction_last": (last, "val_pseudo_label_good_fraction"),
+        "weight_mean_last": (last, "quality_weight_mean"),
+        "weight_zero_last": (last, "quality_weight_zero_fraction"),
+    }
+    rows = []
+    for method, network, runs in _cells(results, methods, networks, lambda r: bool(r.diagnostics)):
+        row: dict[str, Any] = {"method": method, "network": network, "n": len(runs)}
+        for column, (reduce, name) in columns.items():
+            values = [v for v in (reduce(r, name) for r in runs) if math.isfinite(v)]
+            row[column] = float(np.mean(values)) if values else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "network", *columns, "n"])
+
+
+def _histogram_matrix(runs: Sequence[RunResult]) -> tuple[list[int], np.ndarray] | None:
+    """(epochs, epochs x bins) weight-histogram fractions averaged over ``runs``, or None without histograms."""
+    names = sorted({n for r in runs for n in r.diagnostics if n.startswith("quality_weight_hist_")})
+    if not names:
+        return None
+    epochs = sorted({e for r in runs for n in names for e, _ in r.diagnostics.get(n, [])})
+    matrix = np.full((len(epochs), len(names)), np.nan)
+    for i, epoch in enumerate(epochs):
+        for j, name in enumerate(names):
+            values = [dict(r.diagnostics.get(name, [])).get(epoch) for r in runs]
+            values = [v for v in values if v is not None]
+            if values:
+                matrix[i, j] = float(np.mean(values))
+    return epochs, matrix
+
+
+def _plot_diagnostics(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str], path: Path) -> bool:
+    """Weight histograms per epoch (one heat map per quality-weighted method and network) and the AUROC curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for method, network, runs in _cells(results, methods, networks, lambda r: bool(r.diagnostics)):
+        histogram = _histogram_matrix(runs)
+        if histogram is not None:
+            panels.append((method, network, runs, histogram))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.6 * len(panels)), squeeze=False)
+    for (method, network, runs, (epochs, matrix)), (ax_hist, ax_auc) in zip(panels, axes):
+        bins = matrix.shape[1]
+        image = ax_hist.imshow(matrix.T, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                               extent=(epochs[0] - 0.5, epochs[-1] + 0.5, 0, 1))  # fmt: skip
+        ax_hist.set_title(f"{method} / {network}: share of QW weights per bin ({bins} bins)", fontsize=8)
+        ax_hist.set_xlabel("epoch")
+        ax_hist.set_ylabel("weight")
+        fig.colorbar(image, ax=ax_hist, fraction=0.04)
+        for name, style in (("val_pseudo_label_auroc", "-"), ("val_pseudo_label_dice_mean", "--")):
+            for run in runs:
+                points = run.diagnostics.get(name)
+                if points:
+                    ax_auc.plot(*zip(*points), style, lw=1, label=f"{name.split('_', 3)[-1]} seed {run.seed}")
+        ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax_auc.set_ylim(0, 1)
+        ax_auc.set_title("validation pseudo-labels: weight-ranking AUROC (—), mean true Dice (--)", fontsize=8)
+        ax_auc.set_xlabel("epoch")
+        ax_auc.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    _figure_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _plot_sup_curves(results: Sequence[RunResult], networks: Sequence[str], path: Path) -> bool:
+    """SUP's validation DSC per epoch, every seed, with the 80% mark of the plateau check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results if r.method == "sup" and r.val_curve]
+    if not runs:
+        return False
+    fig, axes = plt.subplots(1, len(networks), figsize=(6 * len(networks), 3.5), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        for run in (r for r in runs if r.network == network):
+            epochs, values = zip(*run.val_curve)
+            ax.plot(epochs, [100 * v for v in values], lw=1, label=f"seed {run.seed}")
+            ax.axvline(max(1, math.floor(PLATEAU_AT * max(epochs))), color="grey", ls=":", lw=1)
+        ax.set_title(f"SUP validation DSC — {network}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("DSC (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _figure_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def sweep_table(
+    results: Sequence[RunResult],
+    variants: Sequence[str],
+    networks: Sequence[str],
+    seeds: Sequence[int],
+    method_overrides: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The validation-only hyperparameter sweep: every swept overlay's candidates ranked by validation DSC.
+
+    Candidates of an overlay are the overlay itself (its grid settings) and its ``<overlay>@<tag>`` variants;
+    each is scored by its best validation DSC (the checkpoint criterion) averaged over ``seeds`` (the sweep's
+    seeds only, so every candidate sees the same seeds), in DSC points. ``selected`` marks the best candidate
+    per (overlay, network); test results are not read.
+    """
+    from qgssl_monai.experiments.config import overlay_of
+
+    method_overrides = method_overrides or {}
+    rows = []
+    for overlay in dict.fromkeys(overlay_of(v) for v in variants):
+        candidates = [overlay, *(v for v in variants if overlay_of(v) == overlay and v != overlay)]
+        for network in networks:
+            scored = []
+            for candidate in candidates:
+                best = [100 * max(v for _, v in r.val_curve) for r in results
+                        if r.method == candidate and r.network == network and r.seed in seeds and r.val_curve]  # fmt: skip
+                if best:
+                    settings = {**(method_overrides.get(overlay) or {}), **(method_overrides.get(candidate) or {} if candidate != overlay else {})}
+                    scored.append({"overlay": overlay, "candidate": candidate, "network": network,
+                                   "settings": ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "defaults",
+                                   "val_dsc_best": float(np.mean(best)), "n": len(best)})  # fmt: skip
+            if scored:
+                top = max(row["val_dsc_best"] for row in scored)
+                for row in scored:
+                    row["selected"] = row["val_dsc_best"] == top
+                rows += scored
+    return pd.DataFrame(rows, columns=["overlay", "candidate", "network", "settings", "val_dsc_best", "n", "selected"])
 
 
 def _figure_png(fig: Any, path: Path) -> None:
@@ -511,6 +794,14 @@ def _markdown_to_html_table(markdown: str) -> str:
     return "\n".join(out + ["</table>"])
 
 
+def _write_frame(frame: pd.DataFrame, out: Path, name: str) -> str:
+    """``<out>/<name>.csv`` and ``<name>.md``; returns the markdown."""
+    frame.to_csv(out / f"{name}.csv", index=False)
+    markdown = _fmt_frame_markdown(frame)
+    (out / f"{name}.md").write_text(markdown)
+    return markdown
+
+
 def write_report(
     output_dir: str | Path,
     *,
@@ -523,8 +814,10 @@ def write_report(
     convergence_fraction: float = 0.96,
     target_val_dsc: float | None = None,
     title_note: str = "",
+    sweep: pd.DataFrame | None = None,
 ) -> Path:
-    """Write tables, plots and ``index.html`` into ``output_dir``; returns the HTML path."""
+    """Write tables, plots and ``index.html`` into ``output_dir``; returns the HTML path (``sweep``: the
+    :func:`sweep_table`, written to ``sweep.{csv,md}`` and shown when given)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(results, methods, networks)
@@ -532,14 +825,19 @@ def write_report(
     (out / "table1.md").write_text(md)
     (out / "table1.csv").write_text(render_table(table, "csv"))
     (out / "table1.tex").write_text(render_table(table, "latex"))
-    gains = improvements(results, methods, networks, paired)
-    gains.to_csv(out / "improvements.csv", index=False)
-    gains_md = _fmt_frame_markdown(gains)
-    (out / "improvements.md").write_text(gains_md)
+    gains_md = _write_frame(improvements(results, methods, networks, paired), out, "improvements")
+    seeds_md = _write_frame(seed_table(results, methods, networks), out, "seeds")
+    plateau_md = _write_frame(plateau_table(results, methods, networks), out, "plateau")
+    diagnostics = diagnostics_table(results, methods, networks)
+    diagnostics_md = _write_frame(diagnostics, out, "diagnostics")
+    has_diagnostics_png = _plot_diagnostics(results, methods, networks, out / "diagnostics.png")
+    has_sup_png = _plot_sup_curves(results, networks, out / "sup_val_curve.png")
+    sweep_html = ""
+    if sweep is not None:
+        sweep_html = ("<h2>Hyperparameter sweep (validation split only): best validation DSC, DSC points</h2>\n"
+                      + _markdown_to_html_table(_write_frame(sweep, out, "sweep")))  # fmt: skip
     conv = convergence_table(results, methods, networks, convergence_fraction, target_val_dsc)
-    conv.to_csv(out / "convergence.csv", index=False)
-    conv_md = _fmt_frame_markdown(conv)
-    (out / "convergence.md").write_text(conv_md)
+    conv_md = _write_frame(conv, out, "convergence")
     _plot_val_curves(results, methods, networks, out / "val_curves.png")
     scatter_caption = _plot_quality_scatter(quality_predictions, out / "quality_scatter.png")
     _plot_convergence(conv, out / "convergence.png")
@@ -560,8 +858,23 @@ img{{max-width:100%}}</style></head><body>
 <p>{len(results)} finished SSL runs read from MLflow; seeds {seeds}. {html.escape(title_note)}</p>
 <h2>Table 1: test DSC / IoU (%), mean ± s.e. over seeds, best in bold</h2>
 {_markdown_to_html_table(md)}
-<h2>Improvements (paired {test_name} over per-image test DSC, pooled over seeds)</h2>
+<h2>Improvements (DSC points): every quality-guided method vs its base and vs the best non-guided method</h2>
+<p>delta_dsc: difference of the Table 1 means; seed_deltas / seeds_better: per-seed differences of the runs'
+mean test DSC; mean_diff, statistic, p_value: paired {test_name} test over test images (n = n_images), each
+image's DSC first averaged over the n_seeds seeds both methods ran.</p>
 {_markdown_to_html_table(gains_md)}
+{sweep_html}
+<h2>Per-seed mean test DSC (DSC points) and seed spread</h2>
+{_markdown_to_html_table(seeds_md)}
+<h2>Schedule check: validation DSC over the last {100 * (1 - PLATEAU_AT):.0f}% of the epochs (DSC points)</h2>
+<p>Converged when the best validation DSC gains less than {PLATEAU_POINTS:g} point after {100 * PLATEAU_AT:.0f}% of the epochs (plateaued).</p>
+{_markdown_to_html_table(plateau_md)}
+{img("sup_val_curve.png", "SUP validation curve") if has_sup_png else "<p>no SUP run</p>"}
+<h2>Quality-weight diagnostics</h2>
+<p>Training weights per epoch (histogram) and, on the labeled validation images passed through each method's
+unsupervised branch, the AUROC of g's weight for "pseudo-label true Dice &ge; 0.7" and the pseudo-labels' mean true Dice.</p>
+{_markdown_to_html_table(diagnostics_md) if len(diagnostics) else "<p>no quality-weighted runs with diagnostics</p>"}
+{img("diagnostics.png", "quality-weight diagnostics") if has_diagnostics_png else ""}
 <h2>Convergence: e_val = first epoch reaching {html.escape(target)} validation DSC</h2>
 {_markdown_to_html_table(conv_md)}
 {img("convergence.png", "e_val per method")}

@@ -1,9 +1,9 @@
-"""Event handlers for the engines: lambda ramp-up, EMA teachers, quality-weight statistics, weak snapshots,
+"""Event handlers for the engines: lambda ramp-up, EMA teachers, quality-weight statistics and pseudo-label ranking, weak snapshots,
 the non-finite loss guard and MLflow tracking that survives a tracking-server outage."""
 
 from qgssl_monai.handlers.ema import EMATeacherHandler
 from qgssl_monai.handlers.nonfinite import NonFiniteLossError, NonFiniteLossGuard
-from qgssl_monai.handlers.quality_stats import QualityWeightStatsHandler
+from qgssl_monai.handlers.quality_stats import PseudoLabelRankingHandler, QualityWeightStatsHandler
 from qgssl_monai.handlers.ramp import RampUpHandler
 from qgssl_monai.handlers.snapshots import WeakSnapshotSaver
 
@@ -11,6 +11,7 @@ __all__ = [
     "EMATeacherHandler",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "PseudoLabelRankingHandler",
     "QualityWeightStatsHandler",
     "RampUpHandler",
     "ResilientMLFlowHandler",
