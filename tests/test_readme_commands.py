@@ -72,6 +72,8 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(realdata=True, expect_output=r": OK \(700 training, 100 validation, 200 test"),
     "qgssl prepare cvc-clinicdb --root ../shared/data/cvc-clinicdb --unlabeled-root ../shared/data/kvasir-seg":
         Run(realdata=True, expect_output="1000 unlabeled"),
+    "qgssl subset-labels data_manifests/cvc-clinicdb.json --fraction 0.25 --out data_manifests/cvc-clinicdb_labeled25.json":
+        Run(realdata=True, expect_output="labeled groups: "),
     "qgssl validate-manifest data_manifests/kvasir-seg.json": Run(realdata=True, expect_output=r": OK \(700 training"),
     "qgssl validate-manifest data_manifests/cvc-clinicdb.json --skip-bad": Run(realdata=True, expect_output=r": OK \("),
     # bundles (cwd bundles/quality_predictor, then bundles/ssl_segmentation)
