@@ -29,7 +29,7 @@ from qgssl_monai.data.manifest import (
 __all__ = ["entry_groups", "subset_labels"]
 
 # header fields write_manifest sets itself (everything else in the source header is carried over)
-_OWN_HEADER = ("name", "modality", "source", "citation", "licence", "data_root", "split_seed", "split_rule")
+_OWN_HEADER = ("name", "modality", "source", "citation", "licence", "data_root", "data_root_base", "split_seed", "split_rule")
 
 
 def entry_groups(
@@ -121,6 +121,8 @@ def subset_labels(
             "unlabeled": [*moved, *content.get("unlabeled", [])],
         },
         data_root=root,
+        # a repository-relative source stays repository-relative (portable); otherwise absolute, so the copy can move
+        data_root_base="repo" if content.get("data_root_base") == "repo" else None,
         name=name or f"{content.get('name', source.stem)}-labeled{percent}",
         modality=str(content.get("modality", "")),
         source=str(content.get("source", "")),
