@@ -217,8 +217,9 @@ def load_real_predictions(
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def real_predictions_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per network: one ``all`` row (every source pooled), then one row per method (its seeds pooled).
+def real_predictions_table(scores: pd.DataFrame, methods: Sequence[str] = ()) -> pd.DataFrame:
+    """Per network: one ``all`` row (every source pooled), then one row per method (its seeds pooled), in the
+    order of ``methods`` (the experiment's), then any other method alphabetically, each ``*_qw`` after its base.
 
     The method of a source ``<method>_seed<k>`` is the part before ``_seed``. Columns: network, method and
     :data:`REAL_METRICS` (from :func:`qgssl_monai.quality.evaluation.quality_regression_metrics`).
@@ -229,7 +230,8 @@ def real_predictions_table(scores: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for network, part in scores.groupby("network", sort=True):
         by_method = dict(list(part.groupby("method")))
-        groups = [("all", part)] + [(m, by_method[m]) for m in method_order(sorted(by_method))]
+        listed = [m for m in methods if m in by_method] + sorted(m for m in by_method if m not in methods)
+        groups = [("all", part)] + [(m, by_method[m]) for m in method_order(listed)]
         for method, group in groups:
             m = quality_regression_metrics(group["predicted"].to_numpy(float), group["true_dice"].to_numpy(float))
             rows.append({"network": network, "method": method, **{k: (math.nan if m[k] is None else m[k]) for k in REAL_METRICS}})
@@ -567,7 +569,7 @@ def write_report(
         from qgssl_monai.quality.evaluation import AUROC_KEY, GOOD_DICE
         from qgssl_monai.quality.plots import plot_quality_scatter
 
-        real = real_predictions_table(real_predictions)
+        real = real_predictions_table(real_predictions, methods)
         real.to_csv(out / "real_predictions.csv", index=False)
         real_md = _fmt_frame_markdown(real)
         (out / "real_predictions.md").write_text(real_md)
