@@ -8,7 +8,8 @@ trained ``ssl/<method>/<network>/seed<k>/models/model.pt`` models (the held-out 
 
 1. every held-out model writes its test- and validation-split masks with the SSL bundle's ``inference.json``
    (``<out>/predictions/<split>/<method>_seed<k>/predictions/<stem>_mask.png``, original size);
-2. per image size, the weak snapshots of ``train_weak.json`` (shared by the variants of that size);
+2. the weak snapshots of ``train_weak.json`` at ``--weak-image-size`` (shared by every variant; at another
+   g size their Type 2 predictions are computed at g's size, which the bundle caches per size);
 3. per variant ``<backbone>:<size>`` and g-training seed, ``train.json`` (wall time recorded), then
    ``evaluate.json`` with ``prediction_dirs`` = the test folders of step 1 (``<out>/eval/<variant>_seed<k>/``),
    then ``calibrate.json`` on the validation folders (the calibration lands in g's sidecar
@@ -81,10 +82,10 @@ def run_variant(
 ) -> dict[str, Any]:
     """Steps 2-3 for one variant and seed; returns the evaluation metrics, the calibrated ones and the train time."""
     manifest = str(args.runs / "data" / "manifest.json")
-    weak_dir = args.out / "weak" / f"{size}px"
+    weak_dir = args.out / "weak" / f"{args.weak_image_size}px"
     if not list(weak_dir.glob("weak_epoch_*.pt")):
-        bundle(QUALITY, ["train_weak.json"], manifest=manifest, image_size=size, seed=0, weak_dir=str(weak_dir),
-               ckpt_dir=str(weak_dir), output_dir=str(args.out / "weak_eval" / f"{size}px"), weak_epochs=args.weak_epochs)  # fmt: skip
+        bundle(QUALITY, ["train_weak.json"], manifest=manifest, image_size=args.weak_image_size, seed=0, weak_dir=str(weak_dir),
+               ckpt_dir=str(weak_dir), output_dir=str(args.out / "weak_eval"), weak_epochs=args.weak_epochs)  # fmt: skip
     name = f"{backbone}_{size}px_seed{seed}"
     ckpt_dir = args.out / "g" / name
     timing = ckpt_dir / "train_seconds.json"
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["resnet18:64", "efficientnet_lite0:64"], help="<backbone>:<image size>")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="g training seeds")
     parser.add_argument("--weak-epochs", nargs="+", type=int, default=[1, 3, 5])
+    parser.add_argument("--weak-image-size", type=int, default=64, help="input size of the weak snapshots")
     parser.add_argument("--epochs", type=int, default=4, help="g training epochs")
     parser.add_argument("--samples-per-image", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
