@@ -58,16 +58,16 @@ def plot_quality_scatter(
     ax.set_aspect("equal")
     ax.set_xlabel("true Dice")
     ax.set_ylabel("predicted Dice")
-    parts = [title]
+    stats = []
     if pearson is not None:
-        parts.append(f"ρ = {pearson:.3f}")
+        stats.append(f"ρ = {pearson:.3f}")
     if mae is not None:
-        parts.append(f"MAE = {mae:.3f}")
+        stats.append(f"MAE = {mae:.3f}")
     if bias is not None:
-        parts.append(f"bias = {bias:+.3f}")
+        stats.append(f"bias = {bias:+.3f}")
     if auroc is not None:
-        parts.append(f"AUROC = {auroc:.3f}")
-    ax.set_title(", ".join(parts), fontsize=9)
+        stats.append(f"AUROC = {auroc:.3f}")
+    ax.set_title(title + ("\n" + ", ".join(stats) if stats else ""), fontsize=9)
     ax.legend(loc="upper left", fontsize=6 if groups is not None else 8)
     fig.tight_layout()
     fig.savefig(path)
