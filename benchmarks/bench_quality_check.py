@@ -1,4 +1,4 @@
-"""Latency and throughput of the quality check (g: ResNet-18 quality predictor) on the CPU, fp32 and bf16 autocast.
+"""Latency and throughput of the quality check (g with each ``--backbones`` entry) on the CPU, fp32 and bf16 autocast.
 
 Two paths, both through :class:`qgssl_monai.serving.quality_check.QualityChecker` (what ``qgssl quality-check``
 and the MONAI Label app use):
@@ -8,7 +8,7 @@ and the MONAI Label app use):
   PNGs of ``--image-px`` px: PNG decode, RGB/mask conversion, resize to g's size, stacking and the network
   (the ``qgssl quality-check --image/--csv`` code path, minus interpreter start-up).
 
-For each path: per-call latency at batch 1 (median and 95th percentile over ``--calls`` calls after
+For each backbone (default: ``resnet18`` and ``efficientnet_lite0``) and path: per-call latency at batch 1 (median and 95th percentile over ``--calls`` calls after
 ``--warmup`` calls) and images/s at batch ``--batch`` (median over ``--repeats`` repeats). fp32 and bf16
 calls are interleaved so machine-load drift hits both alike. g has *random* weights (timing does not depend on
 the weight values; nothing is trained or downloaded). The one-off start-up (``QualityChecker(...)``: building g
@@ -17,6 +17,7 @@ and loading its checkpoint) is reported separately.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_quality_check.py [--size 224] [--calls 50] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_quality_check.py --backbones efficientnet_lite0
     python benchmarks/bench_quality_check.py --quick        # < 60 s smoke run (64 px, 10 calls)
 """
 
@@ -45,6 +46,7 @@ from qgssl_monai.serving.quality_check import QualityChecker
 
 PRECISIONS = ("fp32", "bf16")
 COLUMNS = ("fp32_wall", "bf16_wall", "bf16_speedup", "fp32_cpu", "bf16_cpu")
+DEFAULT_BACKBONES = ("resnet18", "efficientnet_lite0")
 
 
 
@@ -98,56 +100,64 @@ def throughput_row(path: str, times: dict[str, dict], batch: int) -> dict[str, A
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Build a QualityChecker on a random-weight g, generate demo PNGs, time both paths; one row per metric."""
+    """Generate demo PNGs once, then time every backbone in ``args.backbones``; one row per backbone and metric."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_quality_check_") as tmp:
-        checkpoint = Path(tmp) / "g.pt"
-        torch.manual_seed(args.seed)
-        torch.save(QualityPredictor(in_channels=4, backbone="resnet18").state_dict(), checkpoint)
         manifest = generate_demo_dataset(
             Path(tmp) / "demo", n_labeled=args.batch, n_unlabeled=0, image_size=args.image_px, seed=args.seed
         )
         items = [item for split in ("training", "validation", "test") for item in load_split(manifest, split)]
         pairs = [(item["image"], item["label"]) for item in items]
+        for backbone in args.backbones:
+            rows += [{"backbone": backbone, **row} for row in run_backbone(args, backbone, Path(tmp), pairs)]
+    return rows
 
-        startup_wall, startup_cpu = [], []
-        for _ in range(3):
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            checker = QualityChecker(checkpoint, image_size=args.size, image_channels=3, backbone="resnet18", batch_size=args.batch)
-            startup_wall.append(time.perf_counter() - start_wall)
-            startup_cpu.append(time.process_time() - start_cpu)
-        startup = {"wall": 1000 * statistics.median(startup_wall), "cpu": 1000 * statistics.median(startup_cpu)}
 
-        generator = torch.Generator().manual_seed(args.seed)
-        images = torch.rand(args.batch, 3, args.size, args.size, generator=generator)
-        masks = (torch.rand(args.batch, 1, args.size, args.size, generator=generator) > 0.5).float()
-        network = checker.network
+def run_backbone(args: argparse.Namespace, backbone: str, tmp: Path, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Build a QualityChecker on a random-weight g with ``backbone``, time both paths; one row per metric."""
+    rows: list[dict[str, Any]] = []
+    checkpoint = tmp / f"g_{backbone}.pt"
+    torch.manual_seed(args.seed)
+    torch.save(QualityPredictor(in_channels=4, backbone=backbone).state_dict(), checkpoint)
 
-        def model_call(batch: int) -> Callable[[], object]:
-            return lambda: network.score(images[:batch], masks[:batch])
+    startup_wall, startup_cpu = [], []
+    for _ in range(3):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        checker = QualityChecker(checkpoint, image_size=args.size, image_channels=3, backbone=backbone, batch_size=args.batch)
+        startup_wall.append(time.perf_counter() - start_wall)
+        startup_cpu.append(time.process_time() - start_cpu)
+    startup = {"wall": 1000 * statistics.median(startup_wall), "cpu": 1000 * statistics.median(startup_cpu)}
 
-        total = (len(PRECISIONS) * 2) * ((args.warmup + args.calls) + (1 + args.repeats))
-        progress = tqdm(total=total, desc="bench_quality_check", unit="call", disable=None)
-        with torch.no_grad():
-            single = {p: with_precision(p, model_call(1)) for p in PRECISIONS}
-            rows += latency_rows("model", timed_calls(single, args.calls, args.warmup, progress))
-            batched = {p: with_precision(p, model_call(args.batch)) for p in PRECISIONS}
-            bn = timed_calls(batched, args.repeats, 1, progress)
-            rows.append(throughput_row("model", bn, args.batch))
-        # score_file / score_files run under their own no_grad; a new pair per call so no decode is cached
-        cycle = {"index": 0}
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(args.batch, 3, args.size, args.size, generator=generator)
+    masks = (torch.rand(args.batch, 1, args.size, args.size, generator=generator) > 0.5).float()
+    network = checker.network
 
-        def file_call() -> float:
-            image, mask = pairs[cycle["index"] % len(pairs)]
-            cycle["index"] += 1
-            return checker.score_file(image, mask)
+    def model_call(batch: int) -> Callable[[], object]:
+        return lambda: network.score(images[:batch], masks[:batch])
 
-        b1 = timed_calls({p: with_precision(p, file_call) for p in PRECISIONS}, args.calls, args.warmup, progress)
-        rows += latency_rows("files", b1)
-        batched_files = {p: with_precision(p, lambda: checker.score_files(pairs)) for p in PRECISIONS}
-        bn = timed_calls(batched_files, args.repeats, 1, progress)
-        rows.append(throughput_row("files", bn, len(pairs)))
-        progress.close()
+    total = (len(PRECISIONS) * 2) * ((args.warmup + args.calls) + (1 + args.repeats))
+    progress = tqdm(total=total, desc=f"bench_quality_check {backbone}", unit="call", disable=None)
+    with torch.no_grad():
+        single = {p: with_precision(p, model_call(1)) for p in PRECISIONS}
+        rows += latency_rows("model", timed_calls(single, args.calls, args.warmup, progress))
+        batched = {p: with_precision(p, model_call(args.batch)) for p in PRECISIONS}
+        bn = timed_calls(batched, args.repeats, 1, progress)
+        rows.append(throughput_row("model", bn, args.batch))
+    # score_file / score_files run under their own no_grad; a new pair per call so no decode is cached
+    cycle = {"index": 0}
+
+    def file_call() -> float:
+        image, mask = pairs[cycle["index"] % len(pairs)]
+        cycle["index"] += 1
+        return checker.score_file(image, mask)
+
+    b1 = timed_calls({p: with_precision(p, file_call) for p in PRECISIONS}, args.calls, args.warmup, progress)
+    rows += latency_rows("files", b1)
+    batched_files = {p: with_precision(p, lambda: checker.score_files(pairs)) for p in PRECISIONS}
+    bn = timed_calls(batched_files, args.repeats, 1, progress)
+    rows.append(throughput_row("files", bn, len(pairs)))
+    progress.close()
     rows.append({
         "path": "startup", "metric": "QualityChecker() ms", "fp32_wall": startup["wall"], "fp32_cpu": startup["cpu"]
     })
@@ -156,17 +166,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"g = ResNet-18 quality predictor (random weights) at {args.size}px; files = demo PNGs of {args.image_px}px "
+        f"g = quality predictor (random weights) at {args.size}px; files = demo PNGs of {args.image_px}px "
         f"(decode + resize + g); latency over {args.calls} calls after {args.warmup} warm-up; images/s median of "
         f"{args.repeats} repeats; wall and process-CPU columns (latency ms, throughput images/s);\n"
         "bf16 speedup = fp32 wall time / bf16 wall time (< 1: bf16 slower)",
-        f"{'path':<9}{'metric':<22}" + "".join(f"{c.replace('_', ' '):>14}" for c in COLUMNS),
+        f"{'backbone':<20}{'path':<9}{'metric':<22}" + "".join(f"{c.replace('_', ' '):>14}" for c in COLUMNS),
     ]
     for row in rows:
         cells = "".join(
             f"{'-':>14}" if c not in row else f"{row[c]:>14.3f}" if c == "bf16_speedup" else f"{row[c]:>14.1f}" for c in COLUMNS
         )
-        lines.append(f"{row['path']:<9}{row['metric']:<22}{cells}")
+        lines.append(f"{row['backbone']:<20}{row['path']:<9}{row['metric']:<22}{cells}")
     return "\n".join(lines)
 
 
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=32, help="batch size of the throughput rows")
     parser.add_argument("--repeats", type=int, default=5, help="timed batch calls per precision and path")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES), help="quality backbones to time (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 px, 10 calls, batch 8, 2 repeats")
     parser.add_argument("--json", type=Path, help="also write the rows and settings to this JSON file")
     args = parser.parse_args(argv)

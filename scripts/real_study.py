@@ -8,10 +8,10 @@
    SwinUNETR-2D and UNet++. Same MLflow experiment and output folder, so g and the data are reused.
 3. One report over both (every method x every network; combinations not run are left empty).
 4. ``experiments/real_cpu/kvasir_to_cvc.yaml``: the reverse direction, in its own folder.
-5. g against real predictions: the quality predictor bundle's ``evaluate.json`` scores the test-split
-   predictions of every trained AttentionUnet SSL model of each direction (true Dice vs g), written to
-   ``<direction>/quality/eval/ssl_predictions/`` (``quality_metrics.json``, ``segmentation_scores.csv``,
-   ``segmentation_scatter.png``).
+5. g against real predictions: the experiment runner's ``quality:real:<network>`` step (run by steps 1, 2
+   and 4) scores the test-split predictions of every trained SSL model with g (true Dice vs g) into
+   ``<direction>/quality/eval/real_predictions/<network>/`` (``quality_metrics.json``,
+   ``segmentation_scores.csv``, ``segmentation_scatter.png``); this step prints the pooled numbers.
 6. Wall time of every finished step (median per kind, method and network, from MLflow start/end times),
    written to ``<out>/timings.md``.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         status |= run_experiment(load_experiment(EXPERIMENTS / "kvasir_to_cvc.yaml"), output=reverse_out)
     if 5 in args.only:
         for name, folder in (("cvc_to_kvasir", forward_out), ("kvasir_to_cvc", reverse_out)):
-            cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
-            print(f"g on real predictions ({name}): {score_ssl_predictions(folder, cfg.networks[0], cfg.image_size, cfg.network_size)}")
+            for metrics in sorted(folder.glob("quality/eval/real_predictions/*/quality_metrics.json")):
+                pooled = json.loads(metrics.read_text())["segmentation_predictions"]["pooled"]
+                print(f"g on real predictions ({name}, {metrics.parent.name}): {pooled}")
     if 6 in args.only:
         sections = []
         for name, folder in (("cvc_to_kvasir", forward_out), ("kvasir_to_cvc", reverse_out)):
@@ -130,51 +132,6 @@ def timing_table(db: Path, experiment_name: str) -> str:
     total = pd.DataFrame(rows)["minutes"].sum()
     lines.append(f"| **all steps (sum)** | {len(rows)} | | {total:.1f} |")
     return "\n".join(lines)
-
-
-def score_ssl_predictions(out: Path, network: str, image_size: int, network_size: str) -> Path:
-    """Run the quality bundle's evaluation with every finished ``network`` SSL model as a segmentation source.
-
-    Each ``ssl/<method>/<network>/seed<k>/models/model.pt`` is linked as ``<method>_seed<k>.pt`` so the
-    per-image scores name their source. Returns the output folder.
-    """
-    from monai.bundle import run as bundle_run
-
-    models = sorted(out.glob(f"ssl/*/{network}/seed*/models/model.pt"))
-    if not models:
-        raise SystemExit(f"{out}: no trained {network} models; run the study first")
-    links = out / "quality" / "eval" / "ssl_models"
-    links.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for model in models:
-        method, seed = model.parents[2].parent.name, model.parents[1].name
-        link = links / f"{method}_{seed}.pt"
-        link.unlink(missing_ok=True)
-        link.symlink_to(model)
-        sources.append(str(link))
-    bundle = Path(__file__).resolve().parents[1] / "bundles" / "quality_predictor"
-    result = out / "quality" / "eval" / "ssl_predictions"
-    bundle_run(
-        config_file=str(bundle / "configs" / "evaluate.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        bundle_root=str(bundle),
-        ckpt_path=str(out / "quality" / "models" / "model.pt"),
-        manifest=str(out / "data" / "manifest.json"),
-        output_dir=str(result),
-        image_size=image_size,
-        device="$torch.device('cpu')",
-        samples_per_image=2,
-        seg_checkpoints=sources,
-        seg_network_def={
-            "_target_": "qgssl_monai.networks.segmentation.build_segmentation_network",
-            "name": network,
-            "size": network_size,
-            "in_channels": 3,
-            "out_channels": 1,
-            "spatial_dims": 2,
-        },
-    )
-    return result
 
 
 if __name__ == "__main__":

@@ -79,22 +79,27 @@ def test_bench_quality_check_quick(tmp_path: Path) -> None:
     bench = load_script("bench_quality_check")
     result = bench.main(["--quick", "--json", str(tmp_path / "qc.json")])
     rows = result["rows"]
-    assert [(r["path"], r["metric"]) for r in rows] == [
+    per_backbone = [
         ("model", "latency b1 median ms"), ("model", "latency b1 p95 ms"), ("model", "images/s b8"),
         ("files", "latency b1 median ms"), ("files", "latency b1 p95 ms"), ("files", "images/s b8"),
         ("startup", "QualityChecker() ms"),
     ]  # fmt: skip
-    for row in rows[:-1]:
-        assert_positive(row, bench.COLUMNS)
-    for path in ("model", "files"):
-        median, p95 = (r for r in rows if r["path"] == path and "latency" in r["metric"])
-        assert p95["fp32_wall"] >= median["fp32_wall"] and p95["bf16_wall"] >= median["bf16_wall"]
-    # reading, decoding and resizing files can only add work to the model-only call (CPU time, same process)
-    assert rows[3]["fp32_cpu"] > rows[0]["fp32_cpu"] * 0.9
-    assert_positive(rows[-1], ("fp32_wall", "fp32_cpu"))
+    assert [(r["backbone"], r["path"], r["metric"]) for r in rows] == [
+        (backbone, *key) for backbone in bench.DEFAULT_BACKBONES for key in per_backbone
+    ]
+    for backbone in bench.DEFAULT_BACKBONES:
+        own = [r for r in rows if r["backbone"] == backbone]
+        for row in own[:-1]:
+            assert_positive(row, bench.COLUMNS)
+        for path in ("model", "files"):
+            median, p95 = (r for r in own if r["path"] == path and "latency" in r["metric"])
+            assert p95["fp32_wall"] >= median["fp32_wall"] and p95["bf16_wall"] >= median["bf16_wall"]
+        # reading, decoding and resizing files can only add work to the model-only call (CPU time, same process)
+        assert own[3]["fp32_cpu"] > own[0]["fp32_cpu"] * 0.9
+        assert_positive(own[-1], ("fp32_wall", "fp32_cpu"))
     lines = table_lines(result)
-    assert len(lines) == 3 + len(rows) and lines[2].split()[:2] == ["path", "metric"]
-    assert lines[-1].split()[-1] == "-"  # start-up has no bf16 columns
+    assert len(lines) == 3 + len(rows) and lines[2].split()[:3] == ["backbone", "path", "metric"]
+    assert lines[-1].split()[:2] == ["efficientnet_lite0", "startup"] and lines[-1].split()[-1] == "-"  # no bf16 start-up
 
 
 def test_bench_scaling_quick(tmp_path: Path) -> None:

@@ -76,9 +76,25 @@ def test_ci_experiment_end_to_end(
     assert f"| {best} | **{100 * dsc[best]:.2f}**" in table
     html = (out / "report" / "index.html").read_text()
     assert "<table>" in html and "qar vs sup" in html
-    for name in ("val_curves.png", "quality_scatter.png", "convergence.png"):
+    for name in ("val_curves.png", "quality_scatter.png", "convergence.png", "real_predictions_scatter.png"):
         with Image.open(out / "report" / name) as image:
             assert image.format == "PNG"
+
+    # g on the SSL networks' test predictions: one run per network after every SSL run, 8 test images x 2 models
+    (real,) = tracker.step_runs("quality:real:unet")
+    assert real.info.status == "FINISHED"
+    scores = pd.read_csv(out / "quality" / "eval" / "real_predictions" / "unet" / "segmentation_scores.csv")
+    assert sorted(set(scores["source"])) == ["qar_seed0", "sup_seed0"] and len(scores) == 16
+    sup_scores = scores[scores["source"] == "sup_seed0"].sort_values("image")
+    per_image_sup = pd.read_csv(out / "ssl" / "sup" / "unet" / "seed0" / "eval" / "test_metrics_per_image.csv")
+    assert sup_scores["true_dice"].mean() == pytest.approx(per_image_sup["dice"].mean(), abs=0.02)  # same masks, same images
+    bias = (scores["predicted_dice"] - scores["true_dice"]).mean()
+    assert real.data.metrics["quality_real_bias"] == pytest.approx(bias, abs=1e-5)
+    assert real.data.metrics["quality_real_n"] == 16
+    real_table = pd.read_csv(out / "report" / "real_predictions.csv")
+    assert real_table["method"].tolist() == ["all", "sup", "qar"] and real_table["n"].tolist() == [16, 8, 8]
+    assert real_table.loc[0, "bias"] == pytest.approx(bias, abs=1e-5)
+    assert "g on the SSL networks' test predictions" in html
 
     # idempotent: nothing runs again
     capsys.readouterr()

@@ -209,3 +209,39 @@ def test_reduced_method_set_on_a_second_network_compares_with_the_best_baseline(
     assert set(rows) == {("pl_qw vs pl_t", "a"), ("pl_qw vs mt", "a"), ("qar vs mt", "a"), ("pl_qw vs sup", "b"), ("qar vs sup", "b")}
     assert rows[("pl_qw vs sup", "b")].delta_dsc == pytest.approx(100 * (0.58 - 0.60))
     assert (rows[("qar vs mt", "a")].n_images, rows[("qar vs mt", "a")].n_seeds) == (4, 2)
+
+
+def test_real_predictions_table_pooled_and_per_method() -> None:
+    from qgssl_monai.experiments.report import real_predictions_table
+
+    scores = pd.DataFrame({
+        "network": ["unet"] * 6,
+        "source": ["mt_qw_seed0", "mt_qw_seed1", "sup_seed0", "sup_seed0", "mt_seed2", "mt_seed2"],
+        "image": [f"i{k}" for k in range(6)],
+        "true_dice": [0.9, 0.8, 0.3, 0.75, 0.5, 0.95],
+        "predicted": [0.95, 0.7, 0.6, 0.9, 0.55, 0.9],
+    })  # fmt: skip
+    table = real_predictions_table(scores, ["sup", "mt_qw", "mt"])
+    assert table["method"].tolist() == ["all", "sup", "mt", "mt_qw"]  # each *_qw after its base, seeds pooled
+    assert real_predictions_table(scores)["method"].tolist() == ["all", "mt", "mt_qw", "sup"]
+    assert table["n"].tolist() == [6, 2, 2, 2]
+    err = scores["predicted"] - scores["true_dice"]
+    assert table.loc[0, "bias"] == pytest.approx(err.mean())
+    assert table.loc[0, "fraction_overestimated"] == pytest.approx(4 / 6)
+    # good (>= 0.7): scores 0.95, 0.7, 0.9, 0.9 vs bad 0.6, 0.55: every pair ordered right
+    assert table.loc[0, "auroc_dice_0_7"] == pytest.approx(1.0)
+    assert table.loc[1, "bias"] == pytest.approx((0.3 + 0.15) / 2)
+    assert math.isnan(table.loc[3, "auroc_dice_0_7"])  # mt_qw: both masks good, AUROC undefined
+
+
+def test_report_shows_real_predictions(tmp_path: Path) -> None:
+    scores = pd.DataFrame({"network": ["unet"] * 4, "source": ["sup_seed0"] * 2 + ["mt_seed0"] * 2, "image": list("abcd"),
+                           "true_dice": [0.2, 0.9, 0.6, 0.8], "predicted": [0.5, 0.85, 0.7, 0.9]})  # fmt: skip
+    page = write_report(tmp_path, experiment_name="x", methods=["sup", "mt"], networks=["unet"], results=[], real_predictions=scores)
+    html = page.read_text()
+    assert "g on the SSL networks' test predictions" in html and html.count("<table>") == 4
+    assert (tmp_path / "real_predictions.md").read_text().splitlines()[2].startswith("| unet | all | 4 |")
+    with Image.open(tmp_path / "real_predictions_scatter.png") as png:
+        assert png.format == "PNG"
+    empty = write_report(tmp_path / "none", experiment_name="x", methods=["sup"], networks=["unet"], results=[])
+    assert "no quality:real run found" in empty.read_text()

@@ -241,3 +241,35 @@ def test_multi_gpu_overlay_runs_two_gloo_processes(demo_manifest, tmp_path) -> N
     assert "head.1.weight" in state and not any(k.startswith("module.") for k in state)
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in checkpoint["network"])
+
+
+@pytest.mark.slow
+def test_evaluate_prediction_dirs_and_calibrate_into_sidecar(trained_bundle: Path, demo_manifest, tmp_path) -> None:
+    """evaluate.json on mask files predicted beforehand; calibrate.json fits on validation and writes the sidecar."""
+    manifest = load_manifest(demo_manifest)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i, item in enumerate(manifest["test"]):  # true masks for even images, empty masks for odd ones
+        label = Image.open(demo_manifest.parent / item["label"])
+        mask = label if i % 2 == 0 else Image.new("L", label.size, 0)
+        mask.convert("L").save(preds / f"{Path(item['image']).stem}_mask.png")
+    _bundle_run("evaluate.json", trained_bundle, demo_manifest.parent, samples_per_image=1, prediction_dirs=[str(preds)],
+                output_dir=str(tmp_path / "eval"))  # fmt: skip
+    metrics = json.loads((tmp_path / "eval" / "quality_metrics.json").read_text())
+    pooled = metrics["segmentation_predictions"]["pooled"]
+    n_test = len(manifest["test"])
+    assert pooled["n"] == n_test and pooled["mean_true"] == pytest.approx(0.5)  # Dice 1 and 0 alternate
+    assert {"bias", "fraction_overestimated", "auroc_dice_0_7"} <= set(pooled)
+    assert metrics["settings"]["segmentation_checkpoints"] is None
+
+    models = trained_bundle / "models"
+    weak = sorted(str(p) for p in (models / "weak").glob("weak_epoch_*.pt"))
+    _bundle_run("calibrate.json", trained_bundle, demo_manifest.parent, seg_checkpoints=weak,
+                seg_network_def={"_target_": "qgssl_monai.quality.workflow.weak_segmentation_network", "image_channels": 3},
+                output_dir=str(tmp_path / "cal"))  # fmt: skip
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert report["fit_before"]["n"] == len(weak) * len(manifest["validation"])
+    assert abs(report["fit_after"]["bias"]) <= abs(report["fit_before"]["bias"]) + 1e-9
+    sidecar = json.loads((models / "model.meta.json").read_text())
+    assert sidecar["calibration"] == report["calibration"] and report["sidecar"] == str(models / "model.meta.json")
+    (models / "model.meta.json").unlink()  # other tests of this module use the uncalibrated bundle

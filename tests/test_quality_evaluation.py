@@ -23,6 +23,7 @@ from qgssl_monai.quality.evaluation import (
     evaluate_quality_predictor,
     image_zeroing_test,
     quality_regression_metrics,
+    score_prediction_masks,
     score_segmentation_predictions,
 )
 from qgssl_monai.quality.io import read_pairs_csv
@@ -173,3 +174,56 @@ def test_read_pairs_csv(tmp_path) -> None:
     (tmp_path / "nohead.csv").write_text("img,seg\na.png,a.png\n")
     with pytest.raises(ValueError, match="missing column"):
         read_pairs_csv(tmp_path / "nohead.csv")
+
+
+def test_regression_metrics_bias_overestimation_and_auroc() -> None:
+    true = np.array([0.2, 0.5, 0.75, 0.9])
+    # optimistic by 0.1 everywhere except the last (exact): bias 0.075, 3 of 4 over-estimated
+    predicted = np.array([0.3, 0.6, 0.85, 0.9])
+    m = quality_regression_metrics(predicted, true)
+    assert m["bias"] == pytest.approx(0.075)
+    assert m["fraction_overestimated"] == pytest.approx(0.75)
+    # good (>= 0.7): {0.85, 0.9} both above every bad score {0.3, 0.6}: AUROC 1
+    assert m["auroc_dice_0_7"] == pytest.approx(1.0)
+    # good scores {0.85, 0.5} vs bad {0.1, 0.6}: 3 of the 4 good/bad pairs ordered right; a tie counts 1/2
+    assert quality_regression_metrics([0.1, 0.6, 0.85, 0.5], true)["auroc_dice_0_7"] == pytest.approx(0.75)
+    assert quality_regression_metrics([0.6, 0.5, 0.6, 0.9], true)["auroc_dice_0_7"] == pytest.approx(3.5 / 4)
+    assert quality_regression_metrics([0.5, 0.5], [0.8, 0.9])["auroc_dice_0_7"] is None  # one class only
+    assert quality_regression_metrics([0.5, 0.5], [0.2, 0.9], good_dice=0.5)["auroc_dice_0_5"] == pytest.approx(0.5)
+
+
+def _save_mask(path, mask: np.ndarray) -> str:
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(path)
+    return str(path)
+
+
+def test_score_prediction_masks_true_dice_at_native_size(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / f"img{i}.png")
+        label = np.zeros((16, 16), bool)
+        label[2:10, 2:10] = True
+        items.append({"image": str(tmp_path / f"img{i}.png"), "label": _save_mask(tmp_path / f"lab{i}.png", label)})
+    run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
+    run_a.mkdir(), run_b.mkdir()
+    # run_a: a perfect mask, a half-overlapping one (Dice 2*32/(64+64) = 0.5) and one missing (skipped)
+    _save_mask(run_a / "img0_mask.png", np.asarray(Image.open(items[0]["label"])))
+    half = np.zeros((16, 16), bool)
+    half[2:10, 6:14] = True
+    _save_mask(run_a / "img1_mask.png", half)
+    # run_b: plain <stem>.png naming, an empty mask (Dice 0) saved at another size than the label
+    _save_mask(run_b / "img2.png", np.zeros((8, 8), bool))
+    load = get_seg_transforms(8, train=False, augment=False)
+    out = score_prediction_masks(_MaskFractionTimesImage(), items, load, [run_a, run_b], progress=False)
+    assert out["source"] == ["run_a", "run_a", "run_b"]
+    assert out["image"] == [items[0]["image"], items[1]["image"], items[2]["image"]]
+    assert out["true"] == pytest.approx([1.0, 0.5, 0.0])
+    # g sees the mask at its own size: the hand-made g returns mask fraction x mean of image channel 0
+    for item, name, score in zip(items, ("run_a/img0_mask.png", "run_a/img1_mask.png", "run_b/img2.png"), out["predicted"]):
+        loaded = load({"image": item["image"], "label": str(tmp_path / name)})
+        assert score == pytest.approx(float(loaded["label"].mean() * loaded["image"][0].mean()), abs=1e-6)
+    named = score_prediction_masks(_MaskFractionTimesImage(), items, load, {"x": run_b}, progress=False)
+    assert named["source"] == ["x"]
+    with pytest.raises(FileNotFoundError, match="no <stem>_mask.png"):
+        score_prediction_masks(_MaskFractionTimesImage(), items[:2], load, [run_b], progress=False)

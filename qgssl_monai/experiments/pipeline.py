@@ -9,6 +9,9 @@ Steps, in order (keys as used by ``--only``)::
     ssl:<m>:<net>:<seed> ssl_segmentation/train.json + method/<m>.json + net/<net>.json
                          (training, then the test evaluation the bundle runs on completion)
                          -> <out>/ssl/<m>/<net>/seed<seed>/{models/model.pt, eval/test_metrics_per_image.csv}
+    quality:real:<net>   quality_predictor/evaluate.json with every ssl:*:<net>:* model as a segmentation
+                         source: g on the test predictions of networks that took no part in its training
+                         -> <out>/quality/eval/real_predictions/<net>/quality_metrics.json
 
 Every bundle call is written to an args file (``<step dir>/bundle_args/<stage>.json``: config files,
 metadata, tracking settings, overrides) and executed with ``monai.bundle.run(args_file=...)`` in this
@@ -38,7 +41,7 @@ import numpy as np
 
 from qgssl_monai.experiments.bundle_main import known_notices_filtered
 from qgssl_monai.experiments.config import ExperimentConfig, is_quality_guided, overlay_of
-from qgssl_monai.experiments.report import PER_IMAGE_ARTIFACT, QUALITY_ARTIFACT
+from qgssl_monai.experiments.report import PER_IMAGE_ARTIFACT, QUALITY_ARTIFACT, REAL_PREDICTIONS_ARTIFACT
 from qgssl_monai.experiments.runner import Step, StepContext
 
 __all__ = [
@@ -370,6 +373,8 @@ class ExperimentPipeline:
                 for seed in cfg.sweep_seeds:
                     if f"ssl:{method}:{network}:{seed}" not in grid:
                         steps.append(self._ssl_step(method, network, seed, quality_ckpt, quality_deps))
+        if quality_deps:  # g was trained here: score it on the SSL networks' test predictions
+            steps += [self._real_predictions_step(network, quality_ckpt, q_over) for network in cfg.networks]
         return steps
 
     @staticmethod
@@ -434,6 +439,74 @@ class ExperimentPipeline:
                 ctx.tracker.log_artifact(ctx.run_id, png, "quality")
 
         return action
+
+    def _real_predictions_step(self, network: str, quality_ckpt: str, overrides: dict[str, Any]) -> Step:
+        """g (``quality_ckpt``) on the test-split predictions of every SSL model of ``network``.
+
+        None of these networks is part of g's training mix (that holds corruptions of true masks and weak
+        snapshots), so this is what g's weights mean on pseudo-labels: the evaluation bundle's pooled and
+        per-model Pearson, Spearman, MAE, bias, fraction over-estimated and AUROC(true Dice >= 0.7).
+        """
+        cfg = self.cfg
+        ssl_keys = [f"ssl:{m}:{network}:{seed}" for m in cfg.methods for seed in cfg.seeds]
+        out_dir = self.quality_eval / "real_predictions" / network
+        config = {"configs": self._config_digest("quality_predictor", ["evaluate.json"]), "network": network,
+                  "sources": ssl_keys, **overrides}  # fmt: skip
+
+        def action(ctx: StepContext) -> None:
+            links = out_dir / "models"
+            links.mkdir(parents=True, exist_ok=True)
+            sources = []
+            for method in cfg.methods:
+                for seed in cfg.seeds:
+                    model = self.ssl_dir(method, network, seed) / "models" / "model.pt"
+                    link = links / f"{method}_seed{seed}.pt"  # the file stem names the source in the scores
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(model)
+                    sources.append(str(link))
+            call_overrides = {
+                "bundle_root": str(self.bundles / "quality_predictor"),
+                "ckpt_path": quality_ckpt,
+                "output_dir": str(out_dir),
+                **self.common_overrides(),
+                **overrides,
+                "samples_per_image": 1,  # the corruption part repeats quality:evaluate: keep it small
+                "seg_checkpoints": sources,
+                "seg_network_def": {
+                    "_target_": "qgssl_monai.networks.segmentation.build_segmentation_network",
+                    "name": network,
+                    "size": cfg.network_size,
+                    "in_channels": int(overrides.get("image_channels", 3)),
+                    "out_channels": 1,
+                    "spatial_dims": 2,
+                },
+            }
+            call = BundleCall(self.bundles / "quality_predictor", ["evaluate.json"], call_overrides)
+            self._call(ctx, call, "evaluate", out_dir)
+            self._log_common(ctx, {"stage": "real_predictions", "network": network})
+            metrics = json.loads((out_dir / "quality_metrics.json").read_text())
+            pooled = metrics.get("segmentation_predictions", {}).get("pooled", {})
+            ctx.tracker.log_metrics(ctx.run_id, {f"quality_real_{k}": v for k, v in pooled.items() if isinstance(v, (int, float))})
+            ctx.tracker.log_artifact(ctx.run_id, out_dir / "quality_metrics.json", "quality")
+            import pandas as pd
+
+            table = pd.read_csv(out_dir / "segmentation_scores.csv").rename(columns={"predicted_dice": "predicted"})
+            table.insert(0, "network", network)
+            target = out_dir / "report" / Path(REAL_PREDICTIONS_ARTIFACT).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(target, index=False)
+            ctx.tracker.log_artifact(ctx.run_id, target, str(Path(REAL_PREDICTIONS_ARTIFACT).parent))
+            ctx.tracker.log_artifact(ctx.run_id, out_dir / "segmentation_scatter.png", "quality")
+
+        return Step(
+            f"quality:real:{network}",
+            "quality_real",
+            config,
+            action,
+            outputs=[str(out_dir / "quality_metrics.json")],
+            deps=["quality:train", *ssl_keys],
+            tags={"qgssl_network": network},
+        )
 
     def ssl_dir(self, method: str, network: str, seed: int) -> Path:
         return self.out / "ssl" / method / network / f"seed{seed}"
@@ -638,7 +711,9 @@ def report_experiment(
     """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan (``sweep``: a
     precomputed sweep table to show, e.g. from before the sweep winners were written into ``cfg``; default:
     computed from ``cfg``)."""
-    from qgssl_monai.experiments.report import load_quality_predictions, load_results, sweep_table, write_report
+    from qgssl_monai.experiments.report import (
+        load_quality_predictions, load_real_predictions, load_results, sweep_table, write_report,
+    )
     from qgssl_monai.experiments.tracking import default_tracking_uri
 
     out = resolve_output(cfg, output)
@@ -646,6 +721,7 @@ def report_experiment(
     hashes = step_hashes(cfg, out, uri)
     results = load_results(uri, cfg.name, hashes)
     quality = load_quality_predictions(uri, cfg.name, hashes)
+    real = load_real_predictions(uri, cfg.name, hashes)
     return write_report(
         out / "report",
         experiment_name=cfg.name,
@@ -653,6 +729,7 @@ def report_experiment(
         networks=cfg.networks,
         results=results,
         quality_predictions=quality,
+        real_predictions=real,
         paired=cfg.report.paired_test,
         convergence_fraction=cfg.report.convergence_fraction,
         target_val_dsc=cfg.report.target_val_dsc,

@@ -18,6 +18,10 @@ Written to ``<output>/report/``:
 * ``val_curves.png`` (validation DSC per epoch, mean over seeds, one panel per network),
   ``quality_scatter.png`` (predicted quality vs true Dice on the test set, Pearson r and MAE — the paper's
   Fig. 2), ``convergence.png`` (e_val per method);
+* ``real_predictions.md`` / ``.csv`` + ``real_predictions_scatter.png`` — g on the test predictions of the
+  trained SSL networks (the ``quality:real:<network>`` runs; none of them is in g's training mix): per network,
+  pooled and per method, n, Pearson, Spearman, MAE, mean bias (predicted - true), fraction over-estimated and
+  AUROC for "true Dice >= 0.7";
 * ``index.html`` — everything above in one self-contained page (images embedded as base64 PNG).
 """
 
@@ -47,11 +51,14 @@ from qgssl_monai.metrics import mean_se as metrics_mean_se
 __all__ = [
     "PER_IMAGE_ARTIFACT",
     "QUALITY_ARTIFACT",
+    "REAL_PREDICTIONS_ARTIFACT",
     "RunResult",
     "mean_se",
     "method_order",
     "load_results",
     "load_quality_predictions",
+    "load_real_predictions",
+    "real_predictions_table",
     "summary_table",
     "render_table",
     "paired_test",
@@ -72,6 +79,10 @@ logger = logging.getLogger(__name__)
 PER_IMAGE_ARTIFACT = "metrics/test_per_image.csv"
 #: predicted quality vs true Dice on the test set, logged on the quality evaluation run (columns true_dice, predicted)
 QUALITY_ARTIFACT = "quality/test_predictions.csv"
+#: g on the SSL networks' test predictions, logged on each ``quality:real:<network>`` run
+#: (columns network, source = ``<method>_seed<k>``, image, true_dice, predicted)
+REAL_PREDICTIONS_ARTIFACT = "quality/real_predictions.csv"
+REAL_METRICS = ("n", "pearson", "spearman", "mae", "bias", "fraction_overestimated", "auroc_dice_0_7")
 METRICS = ("dsc", "iou")
 #: per-epoch metrics of the quality-weight diagnostics (qgssl_monai.handlers.quality_stats) read into the report
 DIAGNOSTIC_PREFIXES = ("quality_weight_", "val_pseudo_label_")
@@ -240,6 +251,39 @@ def load_quality_predictions(
         return None
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     return _download_csv(client, runs[0].info.run_id, QUALITY_ARTIFACT)
+
+
+def load_real_predictions(
+    tracking_uri: str, experiment_name: str, step_hashes: Mapping[str, str] | None = None
+) -> pd.DataFrame | None:
+    """All ``quality:real:<network>`` runs' scores in one table, or None when there is none."""
+    import mlflow
+
+    runs = _select_latest(_finished_runs(tracking_uri, experiment_name, "quality_real"), step_hashes)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    frames = [f for f in (_download_csv(client, r.info.run_id, REAL_PREDICTIONS_ARTIFACT) for r in runs) if f is not None]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def real_predictions_table(scores: pd.DataFrame, methods: Sequence[str] = ()) -> pd.DataFrame:
+    """Per network: one ``all`` row (every source pooled), then one row per method (its seeds pooled), in the
+    order of ``methods`` (the experiment's), then any other method alphabetically, each ``*_qw`` after its base.
+
+    The method of a source ``<method>_seed<k>`` is the part before ``_seed``. Columns: network, method and
+    :data:`REAL_METRICS` (from :func:`qgssl_monai.quality.evaluation.quality_regression_metrics`).
+    """
+    from qgssl_monai.quality.evaluation import quality_regression_metrics
+
+    scores = scores.assign(method=scores["source"].astype(str).str.replace(r"_seed\d+$", "", regex=True))
+    rows = []
+    for network, part in scores.groupby("network", sort=True):
+        by_method = dict(list(part.groupby("method")))
+        listed = [m for m in methods if m in by_method] + sorted(m for m in by_method if m not in methods)
+        groups = [("all", part)] + [(m, by_method[m]) for m in method_order(listed)]
+        for method, group in groups:
+            m = quality_regression_metrics(group["predicted"].to_numpy(float), group["true_dice"].to_numpy(float))
+            rows.append({"network": network, "method": method, **{k: (math.nan if m[k] is None else m[k]) for k in REAL_METRICS}})
+    return pd.DataFrame(rows, columns=["network", "method", *REAL_METRICS])
 
 
 def summary_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
@@ -802,6 +846,12 @@ def _write_frame(frame: pd.DataFrame, out: Path, name: str) -> str:
     return markdown
 
 
+def img_tag(folder: Path, name: str, alt: str) -> str:
+    """``<img>`` with ``folder / name`` embedded as base64 PNG."""
+    data = base64.b64encode((folder / name).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
 def write_report(
     output_dir: str | Path,
     *,
@@ -810,6 +860,7 @@ def write_report(
     networks: Sequence[str],
     results: Sequence[RunResult],
     quality_predictions: pd.DataFrame | None = None,
+    real_predictions: pd.DataFrame | None = None,
     paired: str = "wilcoxon",
     convergence_fraction: float = 0.96,
     target_val_dsc: float | None = None,
@@ -841,10 +892,26 @@ def write_report(
     _plot_val_curves(results, methods, networks, out / "val_curves.png")
     scatter_caption = _plot_quality_scatter(quality_predictions, out / "quality_scatter.png")
     _plot_convergence(conv, out / "convergence.png")
+    real_section = "<p>no quality:real run found (g is evaluated on SSL predictions when the experiment trains g)</p>"
+    if real_predictions is not None and len(real_predictions):
+        from qgssl_monai.quality.evaluation import AUROC_KEY, GOOD_DICE
+        from qgssl_monai.quality.plots import plot_quality_scatter
+
+        real = real_predictions_table(real_predictions, methods)
+        real.to_csv(out / "real_predictions.csv", index=False)
+        real_md = _fmt_frame_markdown(real)
+        (out / "real_predictions.md").write_text(real_md)
+        pooled = real[real["method"] == "all"].iloc[0]
+        plot_quality_scatter(
+            real_predictions["true_dice"].to_numpy(float), real_predictions["predicted"].to_numpy(float),
+            out / "real_predictions_scatter.png", pearson=pooled["pearson"], mae=pooled["mae"], bias=pooled["bias"],
+            auroc=None if math.isnan(pooled[AUROC_KEY]) else pooled[AUROC_KEY], good_dice=GOOD_DICE,
+            groups=real_predictions["network"].astype(str).tolist(), title=f"g on SSL test predictions ({pooled['network']})",
+        )  # fmt: skip
+        real_section = _markdown_to_html_table(real_md) + "\n" + img_tag(out, "real_predictions_scatter.png", "g on real predictions")
 
     def img(name: str, alt: str) -> str:
-        data = base64.b64encode((out / name).read_bytes()).decode()
-        return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+        return img_tag(out, name, alt)
 
     test_name = "Wilcoxon signed-rank" if paired == "wilcoxon" else "paired t-test"
     target = f"{target_val_dsc:.3f} absolute" if target_val_dsc is not None else f"{convergence_fraction:.0%} of the run's best"
@@ -883,6 +950,9 @@ unsupervised branch, the AUROC of g's weight for "pseudo-label true Dice &ge; 0.
 <h2>Predicted quality vs true Dice (test set)</h2>
 <p>{html.escape(scatter_caption)}</p>
 {img("quality_scatter.png", "quality scatter")}
+<h2>g on the SSL networks' test predictions (networks outside g's training)</h2>
+<p>bias = mean(predicted - true); AUROC: g's score separating true Dice &ge; 0.7 from the rest.</p>
+{real_section}
 </body></html>
 """
     path = out / "index.html"

