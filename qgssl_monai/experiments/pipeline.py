@@ -405,6 +405,8 @@ class ExperimentPipeline:
             flat = {f"quality_heldout_{k}": v for k, v in metrics.get("heldout_corruptions", {}).items() if isinstance(v, (int, float))}
             pooled = metrics.get("segmentation_predictions", {}).get("pooled", {})
             flat.update({f"quality_segmentation_{k}": v for k, v in pooled.items() if isinstance(v, (int, float))})
+            zeroing = metrics.get("image_zeroing", {})
+            flat.update({f"quality_image_zeroing_{k}": v for k, v in zeroing.items() if isinstance(v, (int, float))})
             ctx.tracker.log_metrics(ctx.run_id, flat)
             ctx.tracker.log_artifact(ctx.run_id, self.quality_eval / "quality_metrics.json", "quality")
             scores = self.quality_eval / "segmentation_scores.csv"
@@ -611,7 +613,7 @@ def run_experiment(
 
 def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Write ``<out>/report/`` from the experiment's FINISHED MLflow runs of the current plan."""
-    from qgssl_monai.experiments.report import load_quality_predictions, load_results, write_report
+    from qgssl_monai.experiments.report import load_quality_metrics, load_quality_predictions, load_results, write_report
     from qgssl_monai.experiments.runner import ExperimentRunner
     from qgssl_monai.experiments.tracking import StepTracker, default_tracking_uri
 
@@ -633,4 +635,6 @@ def report_experiment(cfg: ExperimentConfig, output: str | Path | None = None, t
         convergence_fraction=cfg.report.convergence_fraction,
         target_val_dsc=cfg.report.target_val_dsc,
         title_note=f"config hash {cfg.config_hash}; tracking {uri}",
+        summary=cfg.report.summary,
+        quality_metrics=load_quality_metrics(uri, cfg.name, hashes),
     )
