@@ -245,3 +245,36 @@ def test_report_shows_real_predictions(tmp_path: Path) -> None:
         assert png.format == "PNG"
     empty = write_report(tmp_path / "none", experiment_name="x", methods=["sup"], networks=["unet"], results=[])
     assert "no quality:real run found" in empty.read_text()
+
+
+def test_scope_section_shows_the_summary_and_gs_own_check(tmp_path: Path) -> None:
+    """``report.summary`` and the quality evaluation run's held-out / image-zeroing metrics lead the report."""
+    from qgssl_monai.experiments.report import load_quality_metrics, scope_markdown
+
+    uri = default_tracking_uri(tmp_path)
+    tracker = StepTracker(uri, "scope-test")
+    tags = {"qgssl_experiment": "scope-test", "qgssl_kind": "quality_eval", "qgssl_step": "quality:evaluate"}
+    old = tracker.create("quality:evaluate", {**tags, "qgssl_step_hash": "old"})
+    tracker.log_metrics(old, {"quality_heldout_pearson": 0.1})
+    tracker.finish(old)
+    run = tracker.create("quality:evaluate", {**tags, "qgssl_step_hash": "q"})
+    tracker.log_metrics(run, {"quality_heldout_n": 160, "quality_heldout_pearson": 0.8766, "quality_heldout_mae": 0.0612,
+                              "quality_image_zeroing_mae_image_zeroed": 0.3012, "quality_image_zeroing_mae_increase": 0.24})  # fmt: skip
+    tracker.finish(run)
+    metrics = load_quality_metrics(uri, "scope-test", {"quality:evaluate": "q"})
+    assert metrics["quality_heldout_pearson"] == pytest.approx(0.8766)
+    assert load_quality_metrics(uri, "scope-test", {"quality:evaluate": "none"}) == {}
+
+    summary = "Synthetic data; differences within seed noise are not evidence (see docs/RESULTS.md)."
+    text = scope_markdown(summary, metrics)
+    assert text.startswith(summary + "\n\n| quality predictor g | value |")
+    assert "| held-out corrupted test masks | 160 |" in text and "| Pearson r (predicted vs true Dice) | 0.877 |" in text
+    assert "| MAE increase when the image is zeroed | +0.240 |" in text
+    assert scope_markdown("", None) == ""
+    assert scope_markdown("  ", {}) == ""
+
+    page = write_report(tmp_path / "report", experiment_name="scope-test", methods=["sup"], networks=["unet"], results=[],
+                        summary=summary, quality_metrics=metrics)  # fmt: skip
+    html = page.read_text()
+    assert html.index(f"<p>{summary}</p>") < html.index("<td>Pearson r (predicted vs true Dice)</td><td>0.877</td>") < html.index("Table 1")
+    assert (tmp_path / "report" / "scope.md").read_text() == text

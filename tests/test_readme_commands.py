@@ -67,7 +67,7 @@ COMMANDS: dict[str, Run | NotRun] = {
     "make demo": NotRun("the demo job itself (~10 min); tests/test_experiment_e2e.py runs the pipeline on a tiny grid"),
     "make test": NotRun("runs this test suite; CI runs it (.ci/run)"),
     # data
-    "qgssl demo-data --out runs/demo/data": Run(expect_output="wrote demo data set; manifest"),
+    "qgssl demo-data --out runs/demo/demo_data": Run(expect_output="wrote demo data set; manifest"),
     "qgssl prepare kvasir-seg --root ../shared/data/kvasir-seg --out data_manifests/kvasir-seg.json --data-root-base repo":
         Run(realdata=True, expect_output=r": OK \(700 training, 100 validation, 200 test"),
     "qgssl prepare cvc-clinicdb --root ../shared/data/cvc-clinicdb --unlabeled-root ../shared/data/kvasir-seg":

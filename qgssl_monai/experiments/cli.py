@@ -5,15 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["register", "default_demo_experiment"]
+if TYPE_CHECKING:  # the config module is imported lazily, inside the sub-commands
+    from qgssl_monai.experiments.config import ExperimentConfig
+
+__all__ = ["DEMO_DATA_DIR", "register", "default_demo_experiment", "demo_data_settings"]
 
 logger = logging.getLogger(__name__)
+
+#: ``qgssl demo-job`` writes the generated data set to ``<out>/demo_data`` (data_manifests/demo.json points there)
+DEMO_DATA_DIR = "demo_data"
 
 
 def default_demo_experiment() -> Path:
     """``experiments/demo.yaml`` of the checkout."""
     return Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+
+
+def demo_data_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Arguments of ``generate_demo_dataset`` for an experiment: its ``demo_data``, the image size by default."""
+    return {"image_size": cfg.image_size, **cfg.demo_data}
 
 
 def _load(path: str, updates: dict | None = None):
@@ -50,10 +62,9 @@ def _demo_job(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     probe = load_experiment(args.experiment)  # validated once before generating anything
-    settings = {"n_labeled": 80, "n_unlabeled": 120, "image_size": probe.image_size, "seed": 0, **probe.demo_data}
-    manifest = out / "demo_data" / "manifest.json"
-    if not manifest.is_file():
-        manifest = generate_demo_dataset(out / "demo_data", **settings)
+    # regenerated every time (a few seconds): the same seed rewrites the same bytes, so finished steps are still
+    # skipped, while data left by an older generator cannot silently stand in for the current one
+    manifest = generate_demo_dataset(out / DEMO_DATA_DIR, **demo_data_settings(probe))
     cfg = _load(args.experiment, updates={"data": {"labeled": str(manifest), "unlabeled": str(manifest)}})
     code = run_experiment(cfg, out, args.tracking_uri, args.only, dry_run=False)
     print(f"open {out / 'report' / 'index.html'} in a browser; MLflow UI: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")

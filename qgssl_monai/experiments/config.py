@@ -155,11 +155,14 @@ class ReportSpec:
     the run's best validation DSC (``target_val_dsc`` instead, when given, is an absolute target).
     ``paired_test``: ``wilcoxon`` (signed-rank) or ``ttest`` (paired t-test) over per-image test DSC,
     images paired by (seed, image) across the two methods.
+    ``summary``: one paragraph printed at the top of the report, saying what the run can and cannot show
+    (data, budget, where stronger evidence lives); empty = none.
     """
 
     convergence_fraction: float = 0.96
     target_val_dsc: float | None = None
     paired_test: str = "wilcoxon"
+    summary: str = ""
 
 
 @dataclass
@@ -387,6 +390,8 @@ def load_experiment(
             errors.append(f"report.paired_test: {report.paired_test!r} not in ['wilcoxon', 'ttest']")
         if not 0 < float(report.convergence_fraction) <= 1:
             errors.append("report.convergence_fraction: expected a value in (0, 1]")
+        if not isinstance(report.summary, str):
+            errors.append(f"report.summary: expected a string (one paragraph), got {type(report.summary).__name__}")
     if data is not None and isinstance(data, DataSpec):
         if not data.labeled:
             errors.append("data.labeled: a manifest path is required")

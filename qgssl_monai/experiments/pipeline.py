@@ -424,6 +424,8 @@ class ExperimentPipeline:
             flat = {f"quality_heldout_{k}": v for k, v in metrics.get("heldout_corruptions", {}).items() if isinstance(v, (int, float))}
             pooled = metrics.get("segmentation_predictions", {}).get("pooled", {})
             flat.update({f"quality_segmentation_{k}": v for k, v in pooled.items() if isinstance(v, (int, float))})
+            zeroing = metrics.get("image_zeroing", {})
+            flat.update({f"quality_image_zeroing_{k}": v for k, v in zeroing.items() if isinstance(v, (int, float))})
             ctx.tracker.log_metrics(ctx.run_id, flat)
             ctx.tracker.log_artifact(ctx.run_id, self.quality_eval / "quality_metrics.json", "quality")
             scores = self.quality_eval / "segmentation_scores.csv"
@@ -712,7 +714,7 @@ def report_experiment(
     precomputed sweep table to show, e.g. from before the sweep winners were written into ``cfg``; default:
     computed from ``cfg``)."""
     from qgssl_monai.experiments.report import (
-        load_quality_predictions, load_real_predictions, load_results, sweep_table, write_report,
+        load_quality_metrics, load_quality_predictions, load_real_predictions, load_results, sweep_table, write_report,
     )
     from qgssl_monai.experiments.tracking import default_tracking_uri
 
@@ -737,4 +739,6 @@ def report_experiment(
         sweep=sweep
         if sweep is not None or not cfg.sweep.methods
         else sweep_table(results, cfg.sweep.methods, cfg.sweep_networks, cfg.sweep_seeds, cfg.overrides.get("method") or {}),
+        summary=cfg.report.summary,
+        quality_metrics=load_quality_metrics(uri, cfg.name, hashes),
     )

@@ -22,6 +22,9 @@ Written to ``<output>/report/``:
   trained SSL networks (the ``quality:real:<network>`` runs; none of them is in g's training mix): per network,
   pooled and per method, n, Pearson, Spearman, MAE, mean bias (predicted - true), fraction over-estimated and
   AUROC for "true Dice >= 0.7";
+* ``scope.md`` — the experiment's ``report.summary`` paragraph (what the run can and cannot show) and g's
+  own check from the quality evaluation run: Pearson r and MAE on held-out corrupted test masks, and how much
+  the MAE rises when the image channels are zeroed (a g that reads the image gets clearly worse);
 * ``index.html`` — everything above in one self-contained page (images embedded as base64 PNG).
 """
 
@@ -59,6 +62,8 @@ __all__ = [
     "load_quality_predictions",
     "load_real_predictions",
     "real_predictions_table",
+    "load_quality_metrics",
+    "scope_markdown",
     "summary_table",
     "render_table",
     "paired_test",
@@ -284,6 +289,33 @@ def real_predictions_table(scores: pd.DataFrame, methods: Sequence[str] = ()) ->
             m = quality_regression_metrics(group["predicted"].to_numpy(float), group["true_dice"].to_numpy(float))
             rows.append({"network": network, "method": method, **{k: (math.nan if m[k] is None else m[k]) for k in REAL_METRICS}})
     return pd.DataFrame(rows, columns=["network", "method", *REAL_METRICS])
+
+
+# -- scope: what the run can show, and g's own check ------------------------------------------------------
+#: metrics of the quality evaluation run (logged by the pipeline) shown in the scope section, with their labels
+QUALITY_CHECK_METRICS = {
+    "quality_heldout_n": ("held-out corrupted test masks", "{:.0f}"),
+    "quality_heldout_pearson": ("Pearson r (predicted vs true Dice)", "{:.3f}"),
+    "quality_heldout_mae": ("MAE", "{:.3f}"),
+    "quality_image_zeroing_mae_image_zeroed": ("MAE with the image zeroed", "{:.3f}"),
+    "quality_image_zeroing_mae_increase": ("MAE increase when the image is zeroed", "{:+.3f}"),
+}
+
+
+def load_quality_metrics(tracking_uri: str, experiment_name: str, step_hashes: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Metrics of the latest FINISHED quality evaluation run of the plan (empty when there is none)."""
+    runs = _select_latest(_finished_runs(tracking_uri, experiment_name, "quality_eval"), step_hashes)
+    return dict(runs[0].data.metrics) if runs else {}
+
+
+def scope_markdown(summary: str, quality_metrics: Mapping[str, float] | None) -> str:
+    """The ``report.summary`` paragraph, then g's check as a two-column table (only the metrics present)."""
+    parts = [summary.strip()] if summary and summary.strip() else []
+    rows = [f"| {label} | {fmt.format(quality_metrics[key])} |" for key, (label, fmt) in QUALITY_CHECK_METRICS.items()
+            if quality_metrics and key in quality_metrics]  # fmt: skip
+    if rows:
+        parts.append("\n".join(["| quality predictor g | value |", "|---|---|", *rows]))
+    return "\n\n".join(parts) + "\n" if parts else ""
 
 
 def summary_table(results: Sequence[RunResult], methods: Sequence[str], networks: Sequence[str]) -> pd.DataFrame:
@@ -866,11 +898,22 @@ def write_report(
     target_val_dsc: float | None = None,
     title_note: str = "",
     sweep: pd.DataFrame | None = None,
+    summary: str = "",
+    quality_metrics: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write tables, plots and ``index.html`` into ``output_dir``; returns the HTML path (``sweep``: the
-    :func:`sweep_table`, written to ``sweep.{csv,md}`` and shown when given)."""
+    """Write tables, plots and ``index.html`` into ``output_dir``; returns the HTML path.
+
+    ``sweep``: the :func:`sweep_table`, written to ``sweep.{csv,md}`` and shown when given. ``summary`` (the
+    experiment's ``report.summary``) and ``quality_metrics`` (see :func:`load_quality_metrics`) make the scope
+    section at the top (:func:`scope_markdown`).
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    scope_md = scope_markdown(summary, quality_metrics)
+    (out / "scope.md").write_text(scope_md)
+    scope_html = "".join(
+        _markdown_to_html_table(block) if block.startswith("|") else f"<p>{html.escape(block)}</p>" for block in scope_md.split("\n\n") if block.strip()
+    )
     table = summary_table(results, methods, networks)
     md = render_table(table, "markdown")
     (out / "table1.md").write_text(md)
@@ -923,6 +966,7 @@ td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}td:first-child,th
 img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(experiment_name)}</h1>
 <p>{len(results)} finished SSL runs read from MLflow; seeds {seeds}. {html.escape(title_note)}</p>
+{scope_html}
 <h2>Table 1: test DSC / IoU (%), mean ± s.e. over seeds, best in bold</h2>
 {_markdown_to_html_table(md)}
 <h2>Improvements (DSC points): every quality-guided method vs its base and vs the best non-guided method</h2>
