@@ -12,6 +12,10 @@ bit-packed in memory (``N x S x H*W / 8`` bytes: 800 images x 6 snapshots at 256
 caches them on disk next to the snapshots, keyed by image size, image list and snapshot files, so
 later runs load them in a second. :class:`RandWeakPredictiond` then only looks a mask up.
 
+The same bank holds the out-of-fold Type 2 pool (``qgssl_monai.quality.oof``): :meth:`WeakPredictionBank.from_groups`
+predicts each group of images (a fold) only with that group's networks (trained on the other folds), as is
+and under a seeded :class:`TestTimePerturbation`, and records which snapshot file produced every mask.
+
 The cached masks are aligned with the *deterministic* (load + resize) image, so place the transform
 before any spatial augmentation and apply that augmentation jointly to image, label and mask.
 """
