@@ -17,7 +17,6 @@ from qgssl_monai.data.manifest import ManifestError, grouped_kfold, load_split
 from qgssl_monai.data.presets import item_groups
 from qgssl_monai.quality.data import degradation_transform
 from qgssl_monai.quality.oof import (
-    build_oof_pool,
     load_oof_bank,
     make_folds,
     oof_index_path,
@@ -26,7 +25,12 @@ from qgssl_monai.quality.oof import (
 )
 from qgssl_monai.quality.workflow import load_type2_bank
 from qgssl_monai.transforms.io import get_seg_transforms
-from qgssl_monai.transforms.weak import PredictionGroup, TestTimePerturbation, WeakPredictionBank, dice_of_masks
+from qgssl_monai.transforms.weak import (
+    PredictionGroup,
+    TestTimePerturbation,
+    WeakPredictionBank,
+    dice_of_masks,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "quality_predictor" / "configs"

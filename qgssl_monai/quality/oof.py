@@ -36,7 +36,12 @@ import torch
 from qgssl_monai.data.manifest import grouped_kfold, load_split
 from qgssl_monai.data.presets import item_groups
 from qgssl_monai.networks.segmentation import build_segmentation_network
-from qgssl_monai.transforms.weak import PredictionGroup, TestTimePerturbation, WeakPredictionBank, weak_snapshot_filename
+from qgssl_monai.transforms.weak import (
+    PredictionGroup,
+    TestTimePerturbation,
+    WeakPredictionBank,
+    weak_snapshot_filename,
+)
 
 __all__ = [
     "DEFAULT_SNAPSHOT_FRACTIONS",
@@ -139,7 +144,8 @@ def train_fold_networks(
     Returns:
         ``{(k, architecture): [snapshot files in epoch order]}`` for the folds trained or reused.
     """
-    from monai.bundle import ConfigWorkflow  # imported here: building folds needs no bundle machinery
+    # imported here: building folds and banks needs no bundle machinery
+    from monai.bundle import ConfigWorkflow
 
     weak_config = Path(weak_config)
     epochs = snapshot_epochs(max_epochs, fractions)
