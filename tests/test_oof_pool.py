@@ -11,7 +11,10 @@ import pytest
 import torch
 from monai.bundle import run
 from monai.data import MetaTensor
-from torch import nn
+from test_weak_snapshots import (  # the threshold 'network': mask = image[0] > t
+    _load_npy,
+    _Threshold,
+)
 
 from qgssl_monai.data.manifest import ManifestError, grouped_kfold, load_split
 from qgssl_monai.data.presets import item_groups
@@ -97,21 +100,6 @@ def test_snapshot_epochs_span_the_schedule() -> None:
 
 
 # ------------------------------------------------------------------------------------------ provenance
-class _Threshold(nn.Module):
-    """Logit = channel 0 - t: the hard mask is ``image[0] > t`` (each snapshot file holds its own t)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1] - self.t
-
-
-def _load_npy(item: dict) -> dict:
-    return {**item, "image": np.load(item["image"])}
-
-
 def _npy_datalist(folder: Path, n: int, shape=(1, 8, 8)) -> list[dict]:
     rng = np.random.default_rng(0)
     datalist = []

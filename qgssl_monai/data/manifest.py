@@ -138,6 +138,26 @@ def load_split(
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=root)
 
 
+def _group_members(keys: Sequence[str], groups: Sequence[Hashable] | None) -> tuple[list[str], dict[Hashable, list[str]]]:
+    """``(keys as str, {group: its keys in input order})``; each key is its own group when ``groups`` is None.
+
+    Raises:
+        ManifestError: duplicate keys or a ``groups`` list of another length.
+    """
+    keys = [str(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({k for k in keys if keys.count(k) > 1}, key=natural_key)
+        raise ManifestError(f"duplicate items cannot be split: {duplicates[:5]}")
+    if groups is None:
+        groups = keys
+    if len(groups) != len(keys):
+        raise ManifestError(f"got {len(groups)} group labels for {len(keys)} items")
+    members: dict[Hashable, list[str]] = {}
+    for key, group in zip(keys, groups):
+        members.setdefault(group, []).append(key)
+    return keys, members
+
+
 def grouped_split(
     keys: Sequence[str],
     *,
@@ -165,19 +185,9 @@ def grouped_split(
     Raises:
         ManifestError: duplicate keys, mismatched ``groups`` length, or invalid ``ratios``.
     """
-    keys = [str(k) for k in keys]
-    if len(set(keys)) != len(keys):
-        duplicates = sorted({k for k in keys if keys.count(k) > 1}, key=natural_key)
-        raise ManifestError(f"duplicate items cannot be split: {duplicates[:5]}")
     if len(ratios) != 3 or any(r < 0 for r in ratios) or not np.isclose(sum(ratios), 1.0):
         raise ManifestError(f"split ratios must be three non-negative fractions summing to 1, got {tuple(ratios)}")
-    if groups is None:
-        groups = keys
-    if len(groups) != len(keys):
-        raise ManifestError(f"got {len(groups)} group labels for {len(keys)} items")
-    members: dict[Hashable, list[str]] = {}
-    for key, group in zip(keys, groups):
-        members.setdefault(group, []).append(key)
+    keys, members = _group_members(keys, groups)
     ordered = sorted(members, key=lambda g: natural_key(str(g)))
     permutation = np.random.default_rng(seed).permutation(len(ordered))
     total = len(keys)
@@ -215,17 +225,7 @@ def grouped_kfold(
     Raises:
         ManifestError: duplicate keys, mismatched ``groups`` length, or ``k`` outside ``2..n_groups``.
     """
-    keys = [str(key) for key in keys]
-    if len(set(keys)) != len(keys):
-        duplicates = sorted({key for key in keys if keys.count(key) > 1}, key=natural_key)
-        raise ManifestError(f"duplicate items cannot be split into folds: {duplicates[:5]}")
-    if groups is None:
-        groups = keys
-    if len(groups) != len(keys):
-        raise ManifestError(f"got {len(groups)} group labels for {len(keys)} items")
-    members: dict[Hashable, list[str]] = {}
-    for key, group in zip(keys, groups):
-        members.setdefault(group, []).append(key)
+    keys, members = _group_members(keys, groups)
     if not 2 <= int(k) <= len(members):
         raise ManifestError(f"cannot make {k} folds from {len(members)} group(s); need 2 <= k <= number of groups")
     ordered = sorted(members, key=lambda g: natural_key(str(g)))
