@@ -276,6 +276,7 @@ def build_oof_pool(
     seed: int = 0,
     device: str | torch.device = "cpu",
     train_overrides: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> WeakPredictionBank:
     """Folds -> fold networks -> out-of-fold predictions of the training split (plus ``eval_splits``).
@@ -291,6 +292,7 @@ def build_oof_pool(
         eval_splits: splits outside the folds predicted by every fold network (empty: none).
         device: forward passes and fold training.
         train_overrides: extra ``train_weak.json`` overrides (``lr``, ``batch_size``, ``num_workers``...).
+        batch_size: images per forward pass when predicting.
 
     Returns:
         the training split's out-of-fold bank; all banks are cached and listed in :func:`oof_index_path`.
@@ -323,8 +325,9 @@ def build_oof_pool(
             image_channels=image_channels, network_size=network_size,
         )  # fmt: skip
         banks[split] = WeakPredictionBank.from_groups(
-            groups, load_transform, perturbation=perturbation, cache_path=Path(out_dir) / name, device=device, progress=progress
-        )
+            groups, load_transform, perturbation=perturbation, cache_path=Path(out_dir) / name, device=device,
+            batch_size=batch_size, progress=progress,
+        )  # fmt: skip
         index["banks"][split] = name
     index_path = oof_index_path(out_dir, image_size)
     tmp = index_path.with_name(index_path.name + ".tmp")
