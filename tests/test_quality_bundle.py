@@ -64,7 +64,7 @@ def test_workflow_properties_complete(demo_manifest, tmp_path) -> None:
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"image,mask\n{demo_manifest.parent / item['image']},{demo_manifest.parent / item['label']}\n")
     for config, workflow_type, override in (
-        ("train.json", "train", {"dataset_dir": str(demo_manifest.parent), "p_weak": 0.0, "samples_per_image": 1, "val_samples_per_image": 1}),
+        ("train.json", "train", {"dataset_dir": str(demo_manifest.parent), "p_type2": 0.0, "samples_per_image": 1, "val_samples_per_image": 1}),
         ("inference.json", "infer", {"pairs_csv": str(pairs)}),
     ):
         if config == "inference.json":  # inference builds g from a trained checkpoint and its sidecar
@@ -95,7 +95,7 @@ def test_training_refuses_bad_manifest(demo_manifest, tmp_path) -> None:
         workflow_type="train",
         bundle_root=str(tmp_path),
         manifest=str(bad),
-        p_weak=0.0,
+        p_type2=0.0,
         **TINY,
     )
     with pytest.raises(RuntimeError) as info:
@@ -107,12 +107,12 @@ def test_training_refuses_bad_manifest(demo_manifest, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def trained_bundle(demo_manifest, tmp_path_factory) -> Path:
-    """weak U-Net snapshots -> g (2 epochs, K=2, p_weak 0.5, MLflow tracking) in a fresh bundle root."""
+    """weak U-Net snapshots -> g (2 epochs, K=2, p_type2 0.5, MLflow tracking) in a fresh bundle root."""
     root = tmp_path_factory.mktemp("quality_bundle")
     dataset_dir = demo_manifest.parent
     _bundle_run("train_weak.json", root, dataset_dir, weak_epochs=[1, 2])
     _bundle_run(
-        "train.json", root, dataset_dir, tracking="mlflow", max_epochs=2, samples_per_image=2, val_samples_per_image=2, p_weak=0.5
+        "train.json", root, dataset_dir, tracking="mlflow", max_epochs=2, samples_per_image=2, val_samples_per_image=2, p_type2=0.5
     )
     return root
 
@@ -222,7 +222,7 @@ def test_multi_gpu_overlay_runs_two_gloo_processes(demo_manifest, tmp_path) -> N
         "--bundle_root", str(tmp_path),
         "--dataset_dir", str(demo_manifest.parent),
         "--image_size", str(SIZE), "--num_workers", "0", "--batch_size", "8",
-        "--max_epochs", "1", "--samples_per_image", "2", "--val_samples_per_image", "1", "--p_weak", "0",
+        "--max_epochs", "1", "--samples_per_image", "2", "--val_samples_per_image", "1", "--p_type2", "0",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

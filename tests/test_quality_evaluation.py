@@ -98,7 +98,7 @@ def test_evaluate_writes_metrics_json_and_plots(tmp_path) -> None:
 def test_training_dataset_repeats_with_fresh_degradations(demo_manifest) -> None:
     datalist = load_split(demo_manifest, "training")[:3]
     load = get_seg_transforms(32, train=False, augment=False)
-    degrade = degradation_transform(p_weak=0.0, flip=True, mask_pool=[d["label"] for d in datalist])
+    degrade = degradation_transform(p_type2=0.0, flip=True, mask_pool=[d["label"] for d in datalist])
     dataset = QualityTrainingDataset(datalist, chain(load, degrade), samples_per_image=4, progress=False)
     dataset.transform.set_random_state(seed=0)
     assert len(dataset) == 12
@@ -114,17 +114,17 @@ def test_training_dataset_repeats_with_fresh_degradations(demo_manifest) -> None
     inputs, target = QualityPrepareBatch()(batch, "cpu")
     assert inputs.shape == (4, 4, 32, 32) and target.shape == (4, 1)
     torch.testing.assert_close(inputs[:, 3:], torch.stack([s["mask"].as_tensor() for s in samples[:4]]))
-    with pytest.raises(ValueError, match="p_weak > 0 needs weak-snapshot predictions"):
-        degradation_transform(p_weak=0.05, weak_bank=None)
+    with pytest.raises(ValueError, match="p_type2 > 0 needs Type 2 predictions"):
+        degradation_transform(p_type2=0.05, weak_bank=None)
 
 
 def test_fixed_samples_are_reproducible(demo_manifest) -> None:
     datalist = load_split(demo_manifest, "test")[:3]
     load = get_seg_transforms(32, train=False, augment=False)
     pool = [d["label"] for d in load_split(demo_manifest, "training")]
-    first = fixed_quality_samples(datalist, load, degradation_transform(p_weak=0.0, mask_pool=pool), 3, seed=5, progress=False)
-    second = fixed_quality_samples(datalist, load, degradation_transform(p_weak=0.0, mask_pool=pool), 3, seed=5, progress=False)
-    other = fixed_quality_samples(datalist, load, degradation_transform(p_weak=0.0, mask_pool=pool), 3, seed=6, progress=False)
+    first = fixed_quality_samples(datalist, load, degradation_transform(p_type2=0.0, mask_pool=pool), 3, seed=5, progress=False)
+    second = fixed_quality_samples(datalist, load, degradation_transform(p_type2=0.0, mask_pool=pool), 3, seed=5, progress=False)
+    other = fixed_quality_samples(datalist, load, degradation_transform(p_type2=0.0, mask_pool=pool), 3, seed=6, progress=False)
     assert len(first) == 9 and "label" not in first[0]
     assert [float(s["quality"]) for s in first] == [float(s["quality"]) for s in second]
     assert all(torch.equal(a["mask"], b["mask"]) for a, b in zip(first, second))

@@ -45,7 +45,7 @@ def test_quality_predictor_learns_on_kvasir(tmp_path) -> None:
         samples_per_image=4,
         val_samples_per_image=2,
         max_epochs=3,
-        p_weak=0.0,
+        p_type2=0.0,
         num_workers=0,
     )
     workflow.initialize()
@@ -57,7 +57,7 @@ def test_quality_predictor_learns_on_kvasir(tmp_path) -> None:
     load = get_seg_transforms(SIZE, train=False, augment=False)
     pool = [item["label"] for item in load_split(manifest, "training")]
     held_out = fixed_quality_samples(
-        load_split(manifest, "test"), load, degradation_transform(p_weak=0.0, mask_pool=pool), 5, seed=2024, progress=False
+        load_split(manifest, "test"), load, degradation_transform(p_type2=0.0, mask_pool=pool), 5, seed=2024, progress=False
     )
     predicted, true = predict_quality(g, held_out)
     metrics = quality_regression_metrics(predicted, true)

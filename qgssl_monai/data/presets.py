@@ -29,7 +29,9 @@ from qgssl_monai.data.manifest import (
     ManifestError,
     grouped_split,
     hold_out_labels,
+    load_manifest,
     natural_key,
+    resolve_data_root,
     write_manifest,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "ScanResult",
     "cvc_clinicdb_group",
     "cvc_clinicdb_sequence",
+    "item_groups",
     "list_images",
     "mask_key",
     "pair_by_stem",
@@ -516,6 +519,41 @@ def read_groups(groups_file: str | os.PathLike, images: Sequence[str]) -> list[s
     if missing:
         raise ManifestError(f"{len(missing)} image(s) have no group in {path}: {', '.join(missing[:10])}")
     return [str(table[stem]) for stem in stems]
+
+
+def item_groups(
+    items: Sequence[Mapping[str, Any]],
+    manifest: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+) -> list[str]:
+    """Group label (video sequence, patient) of each datalist item, for grouped cross-validation folds.
+
+    An item's own ``"group"`` entry wins. Otherwise, when ``manifest`` names a preset whose scanner reports
+    groups (CVC-ClinicDB: video sequences), the preset's scan of the manifest's data root supplies them (the
+    manifest records which groups went to which split under ``"group_splits"``, not per item). Items left
+    without a group are their own group.
+
+    Args:
+        items: datalist entries with absolute ``"image"`` paths (as :func:`load_split` returns them).
+        manifest: the manifest the items come from (for its ``"preset"`` and data root), or None.
+        data_root: overrides the manifest's data root (as in :func:`load_split`).
+
+    Returns:
+        one label per item, in order.
+    """
+    scanned: dict[str, str] = {}
+    if manifest is not None and any("group" not in item for item in items):
+        preset = PRESETS.get(str(load_manifest(manifest).get("preset", "")))
+        root = resolve_data_root(manifest, data_root)
+        if preset is not None and root.is_dir():
+            result = preset.scan(root)
+            if result.groups is not None:
+                scanned = {os.path.realpath(e["image"]): g for e, g in zip(result.labeled, result.groups)}
+    groups = []
+    for item in items:
+        image = str(item["image"])
+        groups.append(str(item.get("group") or scanned.get(os.path.realpath(image), f"item:{image}")))
+    return groups
 
 
 def _read_source_notes(root: Path) -> list[str]:

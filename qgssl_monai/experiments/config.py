@@ -116,12 +116,17 @@ class DataSpec:
 
 @dataclass
 class QualitySpec:
-    """Quality predictor g: weak-snapshot epochs, training epochs and bundle overrides."""
+    """Quality predictor g: Type 2 source, weak-snapshot epochs, training epochs and bundle overrides."""
 
-    #: epochs after which weak U-Net snapshots are saved (an integer n means 1..n)
+    #: epochs after which weak U-Net snapshots are saved (an integer n means 1..n); used by type2 in_sample
     weak_epochs: int | list[int] = field(default_factory=lambda: [1, 3, 5, 10, 15, 20])
     epochs: int = 150
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: Type 2 masks of g: ``in_sample`` (the paper's weak snapshots on their own training images, step
+    #: ``quality:weak``) or ``out_of_fold`` (cross-fitted networks on images they never saw, step ``quality:oof``)
+    type2: str = "in_sample"
+    #: ``train_oof.json`` overrides for ``out_of_fold`` (``num_folds``, ``oof_epochs``, ``oof_architectures``...)
+    oof: dict[str, Any] = field(default_factory=dict)
     #: use an existing ``model.pt`` instead of training g (skips the weak + train steps)
     checkpoint: str | None = None
 
@@ -405,6 +410,10 @@ def load_experiment(
         quality.checkpoint = _resolve(quality.checkpoint, base)
         if not isinstance(quality.epochs, int) or quality.epochs < 1:
             errors.append("quality.epochs: expected a positive integer")
+        if quality.type2 not in ("in_sample", "out_of_fold"):
+            errors.append(f"quality.type2: {quality.type2!r} not in ['in_sample', 'out_of_fold']")
+        if not isinstance(quality.oof, dict):
+            errors.append(f"quality.oof: expected a mapping of train_oof.json overrides, got {quality.oof!r}")
         weak = quality.weak_epochs
         if isinstance(weak, int) and not isinstance(weak, bool):
             quality.weak_epochs = list(range(1, weak + 1)) if weak >= 1 else []

@@ -4,6 +4,9 @@ Steps, in order (keys as used by ``--only``)::
 
     data:prepare         combined manifest <out>/data/manifest.json, validated (assert_valid_manifest)
     quality:weak         quality_predictor/train_weak.json   -> <out>/quality/models/weak/weak_epoch_*.pt
+                         (quality.type2 in_sample, the default)
+    quality:oof          quality_predictor/train_oof.json    -> <out>/quality/models/oof/oof_pool_<size>px.json
+                         (quality.type2 out_of_fold: cross-fitted fold networks and their predictions)
     quality:train        quality_predictor/train.json        -> <out>/quality/models/model.pt
     quality:evaluate     quality_predictor/evaluate.json     -> <out>/quality/eval/quality_metrics.json
     ssl:<m>:<net>:<seed> ssl_segmentation/train.json + method/<m>.json + net/<net>.json
@@ -349,15 +352,30 @@ class ExperimentPipeline:
         if cfg.quality.checkpoint is None and any(is_quality_guided(m) for m in [*cfg.methods, *cfg.sweep.methods]):
             from qgssl_monai.transforms.weak import weak_snapshot_filename
 
-            weak = {"weak_epochs": weak_epochs, "seed": 0, **q_over}
-            train = {"max_epochs": cfg.quality.epochs, "seed": 0, **q_over}
+            from qgssl_monai.quality.oof import oof_index_path
+
+            train = {"max_epochs": cfg.quality.epochs, "seed": 0, "type2": cfg.quality.type2, **q_over}
+            if cfg.quality.type2 == "out_of_fold":
+                # the fold networks train with train_weak.json, so its content is part of the step's identity
+                oof = {"seed": 0, **q_over, **cfg.quality.oof}
+                digest = self._config_digest("quality_predictor", ["train_oof.json", "train_weak.json"])
+                steps.append(
+                    Step("quality:oof", "oof", {"configs": digest, **oof},
+                         self._bundle_action("quality_predictor", ["train_oof.json"], oof, self.out / "quality", "oof"),
+                         outputs=[str(oof_index_path(self.quality_models / "oof", cfg.image_size))], deps=["data:prepare"])
+                )  # fmt: skip
+            else:
+                weak = {"weak_epochs": weak_epochs, "seed": 0, **q_over}
+                steps.append(
+                    Step("quality:weak", "weak", {"configs": self._config_digest("quality_predictor", ["train_weak.json"]), **weak},
+                         self._bundle_action("quality_predictor", ["train_weak.json"], weak, self.out / "quality", "weak"),
+                         outputs=[str(self.quality_models / "weak" / weak_snapshot_filename(max(weak_epochs)))], deps=["data:prepare"])
+                )  # fmt: skip
+            type2_step = "quality:oof" if cfg.quality.type2 == "out_of_fold" else "quality:weak"
             steps += [
-                Step("quality:weak", "weak", {"configs": self._config_digest("quality_predictor", ["train_weak.json"]), **weak},
-                     self._bundle_action("quality_predictor", ["train_weak.json"], weak, self.out / "quality", "weak"),
-                     outputs=[str(self.quality_models / "weak" / weak_snapshot_filename(max(weak_epochs)))], deps=["data:prepare"]),
                 Step("quality:train", "quality_train", {"configs": self._config_digest("quality_predictor", ["train.json"]), **train},
                      self._bundle_action("quality_predictor", ["train.json"], train, self.out / "quality", "train"),
-                     outputs=[quality_ckpt], deps=["data:prepare", "quality:weak"]),
+                     outputs=[quality_ckpt], deps=["data:prepare", type2_step]),
                 Step("quality:evaluate", "quality_eval", {"configs": self._config_digest("quality_predictor", ["evaluate.json"]), **q_over},
                      self._quality_evaluate_action(q_over),
                      outputs=[str(self.quality_eval / "quality_metrics.json")], deps=["quality:train"]),

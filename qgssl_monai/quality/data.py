@@ -1,8 +1,8 @@
 """Data for training and evaluating g: K degraded masks per labeled image, with their true Dice.
 
 A sample is ``{"image": (C, H, W) in [0, 1], "mask": (1, H, W) in {0, 1}, "quality": Dice(mask, label)}``.
-The mask comes from the Type 1 corruption transform or, with probability ``p_weak``, from a weak
-snapshot (Type 2). Training draws fresh degradations every epoch (the random transforms run on the fly
+The mask comes from the Type 1 corruption transform or, with probability ``p_type2``, from a Type 2
+bank (in-sample weak snapshots or the out-of-fold pool). Training draws fresh degradations every epoch (the random transforms run on the fly
 over a :class:`monai.data.CacheDataset` of the loaded images, repeated K times); validation and test
 sets are drawn once with a fixed seed (:func:`fixed_quality_samples`) so their losses are comparable
 across epochs and runs.
@@ -43,7 +43,7 @@ def with_image_ids(datalist: Sequence[Mapping[str, Any]], image_key: str = "imag
 def degradation_transform(
     *,
     weak_bank: WeakPredictionBank | None = None,
-    p_weak: float = 0.05,
+    p_type2: float = 0.05,
     flip: bool = False,
     category_probs: Mapping[str, float] | None = None,
     mask_pool: Sequence[Any] | None = None,
@@ -52,26 +52,30 @@ def degradation_transform(
     mask_key: str = "mask",
     quality_key: str = "quality",
 ) -> Compose:
-    """The random part of a g sample: Type 1 corruption, then Type 2 with probability ``p_weak``.
+    """The random part of a g sample: Type 1 corruption, then Type 2 with probability ``p_type2``.
 
     Args:
-        weak_bank: cached weak-snapshot predictions; required when ``p_weak > 0``.
-        p_weak: probability that the mask is a weak snapshot's prediction instead of a corruption.
+        weak_bank: cached Type 2 predictions (in-sample weak snapshots or the out-of-fold pool); required
+            when ``p_type2 > 0``.
+        p_type2: probability that the mask is a Type 2 prediction instead of a corruption.
         flip: add a joint random horizontal flip of image, label and mask (Dice is flip invariant).
         category_probs, mask_pool: passed to :class:`RandMaskCorruptiond`.
 
     Raises:
-        ValueError: ``p_weak > 0`` without a bank.
+        ValueError: ``p_type2 > 0`` without a bank.
     """
-    if p_weak > 0 and weak_bank is None:
-        raise ValueError("p_weak > 0 needs weak-snapshot predictions: run configs/train_weak.json first or set p_weak to 0")
+    if p_type2 > 0 and weak_bank is None:
+        raise ValueError(
+            "p_type2 > 0 needs Type 2 predictions: run configs/train_weak.json (type2 in_sample) or "
+            "configs/train_oof.json (type2 out_of_fold) first, or set p_type2 to 0"
+        )
     transforms: list[Any] = [
         RandMaskCorruptiond(
             keys=label_key, mask_key=mask_key, quality_key=quality_key, category_probs=category_probs, mask_pool=mask_pool
         )
     ]
-    if p_weak > 0:
-        transforms.append(RandWeakPredictiond(keys=label_key, bank=weak_bank, prob=p_weak, mask_key=mask_key, quality_key=quality_key))
+    if p_type2 > 0:
+        transforms.append(RandWeakPredictiond(keys=label_key, bank=weak_bank, prob=p_type2, mask_key=mask_key, quality_key=quality_key))
     if flip:
         transforms.append(RandFlipd(keys=[image_key, label_key, mask_key], prob=0.5, spatial_axis=1))
     return Compose(transforms)

@@ -13,13 +13,15 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from qgssl_monai.networks.quality import file_sha256, read_quality_metadata, write_quality_metadata
+from qgssl_monai.quality.oof import load_oof_bank
 from qgssl_monai.transforms.weak import WeakPredictionBank
 
 __all__ = [
     "QualityMetadataWriter",
     "lower_is_better",
     "negative_validation_loss",
-    "load_weak_bank",
+    "TYPE2_SOURCES",
+    "load_type2_bank",
     "weak_segmentation_network",
 ]
 
@@ -44,27 +46,49 @@ def weak_segmentation_network(
     )
 
 
-def load_weak_bank(
-    snapshot_dir: str | os.PathLike,
+TYPE2_SOURCES: tuple[str, ...] = ("in_sample", "out_of_fold")
+
+
+def load_type2_bank(
+    type2: str,
+    *,
+    weak_dir: str | os.PathLike,
+    oof_dir: str | os.PathLike,
     network: nn.Module,
     datalist: Sequence[Mapping[str, Any]],
     load_transform: Callable,
     image_size: int,
-    *,
-    p_weak: float,
+    p_type2: float,
     device: str | torch.device = "cpu",
 ) -> WeakPredictionBank | None:
-    """The weak-prediction bank for ``datalist``, or None when ``p_weak == 0`` (Type 1 masks only).
+    """The Type 2 masks g trains on, or None when ``p_type2 == 0`` (Type 1 corruptions only).
+
+    Args:
+        type2: ``"in_sample"`` (the paper: weak early-epoch snapshots of ``train_weak.json`` predicting the
+            images they trained on; predicted here once and cached in ``weak_dir``) or ``"out_of_fold"``
+            (networks across their whole schedule predicting images they never saw; the pool
+            ``train_oof.json`` built in ``oof_dir``).
+        network: architecture of the in-sample snapshots (unused for ``out_of_fold``).
+        datalist: g's training images; every one must be in the bank.
 
     Raises:
-        FileNotFoundError: ``p_weak > 0`` but ``snapshot_dir`` holds no snapshots (run ``train_weak.json``).
+        ValueError: unknown ``type2``.
+        FileNotFoundError: no snapshots / no pool (run ``train_weak.json`` / ``train_oof.json``).
+        KeyError: a training image is missing from the out-of-fold pool (built for another split).
     """
-    if p_weak <= 0:
-        logger.info("p_weak = 0: training g on Type 1 corruptions only")
+    if type2 not in TYPE2_SOURCES:
+        raise ValueError(f"type2 must be one of {TYPE2_SOURCES}, got {type2!r}")
+    if p_type2 <= 0:
+        logger.info("p_type2 = 0: training g on Type 1 corruptions only")
         return None
-    return WeakPredictionBank.from_snapshots(
-        snapshot_dir, network, datalist, load_transform, image_size, device=device
-    )
+    if type2 == "in_sample":
+        return WeakPredictionBank.from_snapshots(weak_dir, network, datalist, load_transform, image_size, device=device)
+    bank = load_oof_bank(oof_dir, image_size, "training")
+    missing = [str(item["image"]) for item in datalist if str(item["image"]) not in bank.index]
+    if missing:
+        raise KeyError(f"{len(missing)} training image(s) have no out-of-fold predictions (e.g. {missing[0]}); rerun train_oof.json")
+    logger.info("out-of-fold Type 2 pool: %d images x %d masks", len(bank), bank.num_snapshots)
+    return bank
 
 
 def negative_validation_loss(engine: Engine, metric_name: str = "val_loss") -> float:

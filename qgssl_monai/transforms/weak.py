@@ -2,7 +2,7 @@
 
 A U-Net trained from scratch on the labeled split is snapshotted at a few early epochs
 (:class:`qgssl_monai.handlers.snapshots.WeakSnapshotSaver`, default epochs 1, 3, 5, 10, 15, 20). When g is
-trained, a sample's mask is, with probability ``p_weak``, the prediction of a randomly chosen snapshot
+trained, a sample's mask is, with probability ``p_type2``, the prediction of a randomly chosen snapshot
 instead of a synthetic (Type 1) corruption.
 
 Efficiency choice: running six networks inside data-loader workers for every sample would dominate the
@@ -11,6 +11,10 @@ runs each snapshot once over every training image at the training resolution, st
 bit-packed in memory (``N x S x H*W / 8`` bytes: 800 images x 6 snapshots at 256 px is ~39 MB) and
 caches them on disk next to the snapshots, keyed by image size, image list and snapshot files, so
 later runs load them in a second. :class:`RandWeakPredictiond` then only looks a mask up.
+
+The same bank holds the out-of-fold Type 2 pool (``qgssl_monai.quality.oof``): :meth:`WeakPredictionBank.from_groups`
+predicts each group of images (a fold) only with that group's networks (trained on the other folds), as is
+and under a seeded :class:`TestTimePerturbation`, and records which snapshot file produced every mask.
 
 The cached masks are aligned with the *deterministic* (load + resize) image, so place the transform
 before any spatial augmentation and apply that augmentation jointly to image, label and mask.
@@ -22,7 +26,9 @@ import hashlib
 import logging
 import os
 import re
+import zlib
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "PLAIN_VIEW",
+    "TTA_VIEW",
+    "PredictionGroup",
     "RandWeakPredictiond",
+    "TestTimePerturbation",
     "WeakPredictionBank",
     "list_weak_snapshots",
     "weak_snapshot_filename",
@@ -43,6 +53,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: view names of a bank slot: the network's plain prediction, or under a test-time perturbation
+PLAIN_VIEW = "plain"
+TTA_VIEW = "tta"
 
 _SNAPSHOT_PATTERN = re.compile(r"^weak_epoch_(\d+)\.pt$")
 
@@ -69,18 +83,129 @@ def dice_of_masks(mask: np.ndarray | torch.Tensor, label: np.ndarray | torch.Ten
     return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom
 
 
+@dataclass(frozen=True)
+class PredictionGroup:
+    """Images predicted by a set of networks: one block of rows of a :class:`WeakPredictionBank`.
+
+    In-sample weak snapshots are one group (every training image, every snapshot). Cross-fitting has one
+    group per fold: the fold's held-out images, predicted only by the networks trained on the other folds.
+
+    Args:
+        items: datalist entries whose ``image`` path is the bank id.
+        networks: ``(label, architecture, snapshot files)`` triples; every snapshot's state_dict is loaded into
+            ``architecture`` in turn. ``label`` prefixes the slot names (``""``: the snapshot stem alone).
+    """
+
+    items: Sequence[Mapping[str, Any]]
+    networks: Sequence[tuple[str, nn.Module, Sequence[Path]]]
+
+    def slot_names(self, views: Sequence[str]) -> list[str]:
+        """``<label>/<snapshot stem>[/<view>]`` per slot (the view is omitted for ``"plain"``)."""
+        names = []
+        for label, _, snapshots in self.networks:
+            for snap in snapshots:
+                for view in views:
+                    name = f"{label}/{Path(snap).stem}" if label else Path(snap).stem
+                    names.append(name if view == PLAIN_VIEW else f"{name}/{view}")
+        return names
+
+
+class TestTimePerturbation:
+    """Seeded test-time perturbation of a prediction: flip, colour jitter and a small scale change.
+
+    The image is warped by a random affine map (horizontal flip with probability ``flip_prob``, isotropic
+    zoom by ``s ~ U(scale)``), its contrast and brightness are jittered (``(x - mean) * c + mean + b``,
+    clipped to ``[0, 1]``), the network predicts it, and the logits are warped back with the inverse map, so
+    the hard mask stays aligned with the unperturbed image (the bank's contract).
+
+    Args:
+        flip_prob: probability of a horizontal flip.
+        brightness: ``b ~ U(-brightness, brightness)``.
+        contrast: ``c ~ U(1 - contrast, 1 + contrast)``.
+        scale: zoom range (``s > 1`` zooms in).
+        seed: base seed; each (image id, slot) pair gets its own draw, independent of batch order.
+    """
+
+    __test__ = False  # not a pytest class despite the name
+
+    def __init__(
+        self,
+        flip_prob: float = 0.5,
+        brightness: float = 0.1,
+        contrast: float = 0.15,
+        scale: Sequence[float] = (0.9, 1.1),
+        seed: int = 0,
+    ) -> None:
+        self.flip_prob = float(flip_prob)
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.seed = int(seed)
+
+    def describe(self) -> str:
+        """Parameters as a string (part of the bank's cache key)."""
+        return f"tta:{self.flip_prob}:{self.brightness}:{self.contrast}:{self.scale}:{self.seed}"
+
+    def draw(self, image_id: str, slot: int) -> tuple[bool, float, float, float]:
+        """``(flip, zoom, contrast, brightness)`` for ``image_id`` at ``slot`` (reproducible)."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(image_id).encode()), int(slot)])
+        flip = bool(rng.random() < self.flip_prob)
+        zoom = float(rng.uniform(*self.scale))
+        contrast = float(rng.uniform(1 - self.contrast, 1 + self.contrast))
+        brightness = float(rng.uniform(-self.brightness, self.brightness))
+        return flip, zoom, contrast, brightness
+
+    def __call__(self, network: nn.Module, images: torch.Tensor, image_ids: Sequence[str], slot: int) -> torch.Tensor:
+        """Logits ``(B, 1, H, W)`` of ``network`` on the perturbed ``images`` ``(B, C, H, W)``, aligned back."""
+        params = [self.draw(i, slot) for i in image_ids]
+        sx = torch.tensor([(-1.0 if f else 1.0) / z for f, z, _, _ in params], dtype=images.dtype, device=images.device)
+        sy = torch.tensor([1.0 / z for _, z, _, _ in params], dtype=images.dtype, device=images.device)
+        c = torch.tensor([p[2] for p in params], dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
+        b = torch.tensor([p[3] for p in params], dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        jittered = ((images - mean) * c + mean + b).clamp(0.0, 1.0)
+        warped = _affine_scale(jittered, sx, sy)
+        logits = _first_output(network(warped))[:, :1]
+        return _affine_scale(logits, 1.0 / sx, 1.0 / sy)
+
+
+def _affine_scale(x: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """Sample ``x`` (B, C, H, W) at normalised coordinates ``(sx * u, sy * v)`` (per-sample diagonal affine)."""
+    theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = sx
+    theta[:, 1, 1] = sy
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _first_output(logits: Any) -> torch.Tensor:
+    return logits[0] if isinstance(logits, (list, tuple)) else logits
+
+
 class WeakPredictionBank:
-    """Hard masks of every weak snapshot for every training image, bit-packed.
+    """Hard masks of a set of segmentation networks for every image, bit-packed.
+
+    Every image has the same number S of slots (e.g. 6 in-sample weak snapshots; or 2 architectures x 5
+    snapshots x 2 views of the networks that did *not* train on it, for the out-of-fold pool).
 
     Args:
         ids: one id per image (the image path string of the datalist item).
         packed: ``(N, S, ceil(prod(spatial_shape) / 8))`` uint8 from ``np.packbits`` of the flattened masks.
         spatial_shape: mask spatial shape, e.g. ``(H, W)``.
-        snapshot_names: S names (snapshot file stems), used in the ``corruption`` description.
+        snapshot_names: S slot names (snapshot file stems, prefixed by the network label and suffixed by the
+            view when given), used in the ``corruption`` description.
+        sources: optional ``(N, S)`` strings naming the snapshot file (and view) that produced each mask, so
+            provenance can be checked (no out-of-fold mask comes from a network that saw its image);
+            default: the slot names.
     """
 
     def __init__(
-        self, ids: Sequence[str], packed: np.ndarray, spatial_shape: Sequence[int], snapshot_names: Sequence[str]
+        self,
+        ids: Sequence[str],
+        packed: np.ndarray,
+        spatial_shape: Sequence[int],
+        snapshot_names: Sequence[str],
+        sources: np.ndarray | Sequence[Sequence[str]] | None = None,
     ) -> None:
         packed = np.asarray(packed, dtype=np.uint8)
         if packed.ndim != 3 or packed.shape[0] != len(ids) or packed.shape[1] != len(snapshot_names):
@@ -92,6 +217,11 @@ class WeakPredictionBank:
         self.packed = packed
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
         self.snapshot_names = [str(n) for n in snapshot_names]
+        if sources is None:
+            sources = np.broadcast_to(np.asarray(self.snapshot_names, dtype=str), (len(self.ids), len(self.snapshot_names)))
+        self.sources = np.asarray(sources, dtype=str)
+        if self.sources.shape != packed.shape[:2]:
+            raise ValueError(f"sources of shape {self.sources.shape} do not match {packed.shape[:2]}")
 
     @property
     def num_snapshots(self) -> int:
@@ -100,14 +230,21 @@ class WeakPredictionBank:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def get(self, image_id: str, snapshot: int) -> np.ndarray:
-        """The ``(1, *spatial_shape)`` bool mask of ``snapshot`` for the image ``image_id``."""
+    def _row(self, image_id: str) -> int:
         row = self.index.get(str(image_id))
         if row is None:
             raise KeyError(f"no weak predictions cached for {image_id}; rebuild the WeakPredictionBank for this datalist")
+        return row
+
+    def get(self, image_id: str, snapshot: int) -> np.ndarray:
+        """The ``(1, *spatial_shape)`` bool mask of slot ``snapshot`` for the image ``image_id``."""
         count = int(np.prod(self.spatial_shape))
-        flat = np.unpackbits(self.packed[row, snapshot], count=count)
+        flat = np.unpackbits(self.packed[self._row(image_id), snapshot], count=count)
         return flat.reshape((1, *self.spatial_shape)).astype(bool)
+
+    def source(self, image_id: str, snapshot: int) -> str:
+        """The snapshot file (``|<view>`` appended unless plain) that produced slot ``snapshot`` of ``image_id``."""
+        return str(self.sources[self._row(image_id), snapshot])
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bank to ``path`` (``.npz``) atomically."""
@@ -120,6 +257,7 @@ class WeakPredictionBank:
             packed=self.packed,
             spatial_shape=np.asarray(self.spatial_shape),
             snapshot_names=np.asarray(self.snapshot_names),
+            sources=np.asarray(self.sources),
         )
         os.replace(tmp, path)
         return path
@@ -132,19 +270,34 @@ class WeakPredictionBank:
                 packed=data["packed"],
                 spatial_shape=data["spatial_shape"].tolist(),
                 snapshot_names=data["snapshot_names"].tolist(),
+                sources=data["sources"] if "sources" in data.files else None,
             )
 
     @staticmethod
-    def cache_name(ids: Iterable[str], snapshots: Sequence[Path], image_size: int | Sequence[int]) -> str:
-        """Cache file name: the image size plus a digest of the image list and the snapshot files."""
+    def cache_name(
+        ids: Iterable[str],
+        snapshots: Sequence[Path],
+        image_size: int | Sequence[int],
+        *,
+        extra: Iterable[str] = (),
+        prefix: str = "weak_predictions",
+    ) -> str:
+        """Cache file name: the image size plus a digest of the image list, the snapshot files and ``extra``.
+
+        Snapshot files enter by name, size and modification time, so a retrained snapshot is a new entry.
+        ``extra`` holds anything else the masks depend on (fold assignment, test-time perturbation).
+        """
         size = image_size if isinstance(image_size, int) else "x".join(str(s) for s in image_size)
         digest = hashlib.sha1()
         for image_id in ids:
             digest.update(str(image_id).encode() + b"\0")
         for snap in snapshots:
             stat = snap.stat()
-            digest.update(f"{snap.name}:{stat.st_size}:{stat.st_mtime_ns}".encode() + b"\0")
-        return f"weak_predictions_{size}px_{digest.hexdigest()[:12]}.npz"
+            # the parent folder tells apart same-named snapshots of different fold networks
+            digest.update(f"{snap.parent.name}/{snap.name}:{stat.st_size}:{stat.st_mtime_ns}".encode() + b"\0")
+        for part in extra:
+            digest.update(str(part).encode() + b"\0")
+        return f"{prefix}_{size}px_{digest.hexdigest()[:12]}.npz"
 
     @classmethod
     def from_snapshots(
@@ -194,40 +347,106 @@ class WeakPredictionBank:
             raise ValueError("WeakPredictionBank.from_snapshots needs at least one image in the datalist")
         ids = [str(item[image_key]) for item in datalist]
         cache_path = Path(cache_dir) / cls.cache_name(ids, snapshot_paths, image_size) if cache_dir else None
-        if cache_path is not None and cache_path.is_file():
+        return cls.from_groups(
+            [PredictionGroup(datalist, [("", network, snapshot_paths)])],
+            load_transform,
+            cache_path=cache_path,
+            image_key=image_key,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+    @classmethod
+    def from_groups(
+        cls,
+        groups: Sequence[PredictionGroup],
+        load_transform: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+        *,
+        perturbation: TestTimePerturbation | None = None,
+        cache_path: str | os.PathLike | None = None,
+        image_key: str = "image",
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> WeakPredictionBank:
+        """Predict each group's images with that group's snapshots (or load ``cache_path`` when it exists).
+
+        Args:
+            groups: disjoint image sets with their networks; every group must give the same slot names
+                (same network labels, snapshot stems and views), so slot ``s`` means the same for every image.
+            load_transform: deterministic chain (load, normalise, resize) giving ``image`` ``(C, H, W)``.
+            perturbation: when given, every snapshot predicts each image twice: as is (``plain``) and under
+                this seeded test-time perturbation (view ``tta``).
+            cache_path: ``.npz`` file to load if present, else to write (None: no cache). The caller keys
+                its name on everything the masks depend on (see :meth:`cache_name`).
+            image_key, device, batch_size, progress: as in :meth:`from_snapshots`.
+
+        Raises:
+            ValueError: no group, an empty group, an image in two groups, or groups with different slots.
+        """
+        if cache_path is not None and Path(cache_path).is_file():
             logger.info("loading cached weak predictions %s", cache_path)
             return cls.load(cache_path)
+        views = [PLAIN_VIEW] + ([TTA_VIEW] if perturbation is not None else [])
+        if not groups or any(not g.items for g in groups):
+            raise ValueError("WeakPredictionBank.from_groups needs at least one group and one image per group")
+        slot_names = groups[0].slot_names(views)
+        for group in groups[1:]:
+            if group.slot_names(views) != slot_names:
+                raise ValueError(
+                    f"every group must have the same slots; got {group.slot_names(views)} and {slot_names}"
+                )
+        ids = [str(item[image_key]) for group in groups for item in group.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("an image appears in two prediction groups (folds must be disjoint)")
 
-        # images are loaded one batch at a time (800 RGB images at 256 px would be ~630 MB as float32);
-        # the snapshots' weights are small, so each batch runs through every snapshot in turn
-        states = [
-            {k.removeprefix("module."): v for k, v in torch.load(p, map_location=device, weights_only=True).items()}
-            for p in snapshot_paths
-        ]
-        network = network.to(device).eval()
         packed: np.ndarray | None = None
+        sources = np.empty((len(ids), len(slot_names)), dtype=object)
         spatial_shape: tuple[int, ...] = ()
+        row = 0
         with torch.no_grad(), tqdm(total=len(ids), desc="weak predictions", disable=not progress) as bar:
-            for start in range(0, len(datalist), batch_size):
-                chunk = datalist[start : start + batch_size]
-                batch = torch.stack(
-                    [torch.as_tensor(convert_to_numpy(load_transform(dict(item))[image_key])) for item in chunk]
-                ).float().to(device)
-                if packed is None:
-                    spatial_shape = tuple(batch.shape[2:])
-                    packed = np.zeros((len(ids), len(states), (int(np.prod(spatial_shape)) + 7) // 8), dtype=np.uint8)
-                for s, state in enumerate(states):
-                    network.load_state_dict(state)
-                    logits = network(batch)
-                    if isinstance(logits, (list, tuple)):
-                        logits = logits[0]
-                    hard = (logits[:, :1] > 0).cpu().numpy().reshape(batch.shape[0], -1)
-                    packed[start : start + batch.shape[0], s] = np.packbits(hard, axis=1)
-                bar.update(len(chunk))
-        bank = cls(ids, packed, spatial_shape, [p.stem for p in snapshot_paths])
+            for group in groups:
+                # images are loaded one batch at a time (800 RGB images at 256 px would be ~630 MB as float32);
+                # the snapshots' weights are small, so each batch runs through every snapshot in turn
+                states = [
+                    (
+                        network,
+                        str(snap),
+                        {k.removeprefix("module."): v for k, v in torch.load(snap, map_location=device, weights_only=True).items()},
+                    )
+                    for _, network, snapshots in group.networks
+                    for snap in snapshots
+                ]
+                for start in range(0, len(group.items), batch_size):
+                    chunk = group.items[start : start + batch_size]
+                    chunk_ids = [str(item[image_key]) for item in chunk]
+                    batch = torch.stack(
+                        [torch.as_tensor(convert_to_numpy(load_transform(dict(item))[image_key])) for item in chunk]
+                    ).float().to(device)
+                    if packed is None:
+                        spatial_shape = tuple(batch.shape[2:])
+                        packed = np.zeros((len(ids), len(slot_names), (int(np.prod(spatial_shape)) + 7) // 8), dtype=np.uint8)
+                    rows = slice(row + start, row + start + batch.shape[0])
+                    slot = 0
+                    for network, snap, state in states:
+                        network = network.to(device).eval()
+                        network.load_state_dict(state)
+                        for view in views:
+                            if view == PLAIN_VIEW:
+                                logits = _first_output(network(batch))[:, :1]
+                            else:
+                                logits = perturbation(network, batch, chunk_ids, slot)  # type: ignore[misc]
+                            hard = (logits > 0).cpu().numpy().reshape(batch.shape[0], -1)
+                            packed[rows, slot] = np.packbits(hard, axis=1)
+                            sources[rows, slot] = snap if view == PLAIN_VIEW else f"{snap}|{view}"
+                            slot += 1
+                    bar.update(len(chunk))
+                row += len(group.items)
+        bank = cls(ids, packed, spatial_shape, slot_names, sources.astype(str))
         if cache_path is not None:
             bank.save(cache_path)
-            logger.info("cached weak predictions of %d snapshots x %d images in %s", bank.num_snapshots, len(ids), cache_path)
+            logger.info("cached %d weak predictions per image for %d images in %s", bank.num_snapshots, len(ids), cache_path)
         return bank
 
 
@@ -235,7 +454,7 @@ class RandWeakPredictiond(RandomizableTransform, MapTransform):
     """With probability ``prob``, replace ``mask_key`` by a random weak snapshot's prediction of this image.
 
     Place it after the Type 1 :class:`~qgssl_monai.transforms.corruptions.RandMaskCorruptiond`: it overrides
-    the synthetic mask with probability ``prob`` (p_weak, 0.05 in the paper) and recomputes its Dice.
+    the synthetic mask with probability ``prob`` (p_type2, 0.05 in the paper) and recomputes its Dice.
 
     Args:
         keys: the ground-truth mask key (exactly one), ``(1, H, W)`` in ``{0, 1}``.
