@@ -94,8 +94,6 @@ def test_bench_quality_check_quick(tmp_path: Path) -> None:
         for path in ("model", "files"):
             median, p95 = (r for r in own if r["path"] == path and "latency" in r["metric"])
             assert p95["fp32_wall"] >= median["fp32_wall"] and p95["bf16_wall"] >= median["bf16_wall"]
-        # reading, decoding and resizing files can only add work to the model-only call (CPU time, same process)
-        assert own[3]["fp32_cpu"] > own[0]["fp32_cpu"] * 0.9
         assert_positive(own[-1], ("fp32_wall", "fp32_cpu"))
     lines = table_lines(result)
     assert len(lines) == 3 + len(rows) and lines[2].split()[:3] == ["backbone", "path", "metric"]
