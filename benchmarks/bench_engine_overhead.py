@@ -70,15 +70,24 @@ def speed_path(student: torch.nn.Module, labeled: list, amp: str | None) -> tupl
     return channels_last, speed.select_compile("auto", "cpu")
 
 
-def engine_runner(
-    method_name: str, labeled: list, unlabeled: list, amp: str | None, fast: bool = False
-) -> Callable[[], None]:
-    student, quality = build_models()
+def build_engine(
+    method_name: str,
+    labeled: list,
+    unlabeled: list,
+    amp: str | None,
+    fast: bool = False,
+    models: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+) -> SemiSupervisedTrainer:
+    """The engine as the bundle runs it (EMA handler, default decollation), optionally on the speed path.
+
+    ``models``: ``(student, quality)``; default :func:`build_models`.
+    """
+    student, quality = build_models() if models is None else models
     channels_last, compile_enabled = speed_path(student, labeled, amp) if fast else (False, False)
     method = build_method(method_name, quality_net=quality)
     optimizer = torch.optim.Adam(ssl_optimizer_parameters(student, method), lr=1e-3)
     handlers = [EMATeacherHandler(decay=EMA_DECAY)] if method_name == "pl-qw" else []
-    trainer = SemiSupervisedTrainer(
+    return SemiSupervisedTrainer(
         device="cpu",
         max_epochs=1,
         epoch_length=len(labeled),
@@ -94,7 +103,12 @@ def engine_runner(
         to_kwargs={"memory_format": torch.channels_last} if channels_last else {},
         batched_forward="auto" if fast else False,
     )
-    return trainer.run
+
+
+def engine_runner(
+    method_name: str, labeled: list, unlabeled: list, amp: str | None, fast: bool = False
+) -> Callable[[], None]:
+    return build_engine(method_name, labeled, unlabeled, amp, fast).run
 
 
 def plain_runner(

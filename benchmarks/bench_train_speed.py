@@ -42,17 +42,13 @@ from ignite.engine import Events
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import finish, machine_line  # noqa: E402
+from bench_engine_overhead import EMA_DECAY, LAMBDA, build_engine  # noqa: E402
 
 from qgssl_monai.engines import speed  # noqa: E402
-from qgssl_monai.engines.ssl_trainer import SemiSupervisedTrainer, ssl_optimizer_parameters  # noqa: E402
-from qgssl_monai.handlers.ema import EMATeacherHandler  # noqa: E402
 from qgssl_monai.losses import PerSampleDiceBCELoss  # noqa: E402
-from qgssl_monai.methods import build_method  # noqa: E402
 from qgssl_monai.networks.quality import QualityPredictor  # noqa: E402
 from qgssl_monai.networks.segmentation import build_segmentation_network  # noqa: E402
 
-LAMBDA = {"qar": 0.01, "pl-qw": 0.25}
-EMA_DECAY = 0.99
 #: the issue's 4-level AttentionUnet (16...128 channels) and comparable presets of the other networks
 NETWORKS: dict[str, dict[str, Any]] = {
     "attention_unet": {"name": "attention_unet", "channels": (16, 32, 64, 128), "strides": (2, 2, 2)},
@@ -123,30 +119,9 @@ def fast_runner(
 ) -> tuple[Callable[[], list[float]], dict[str, Any]]:
     """The engine on the speed path chosen for this machine (as ``configs/speed.json`` does); returns the runner
     and the choices made."""
-    student, quality = build_student(network, quick), quality_net()
-    batch = labeled[0]["image"].shape
     amp = speed.select_amp_dtype("auto", "cpu")
-    channels_last = speed.select_channels_last(student, tuple(batch), "cpu", amp)
-    speed.to_channels_last(student, enabled=channels_last)
-    compile_enabled = speed.select_compile("auto", "cpu")
-    ssl_method = build_method(method, quality_net=quality)
-    optimizer = torch.optim.Adam(ssl_optimizer_parameters(student, ssl_method), lr=1e-3)
-    trainer = SemiSupervisedTrainer(
-        device="cpu",
-        max_epochs=1,
-        epoch_length=len(labeled),
-        train_data_loader=labeled,
-        unlabeled_data_loader=unlabeled,
-        network=student,
-        optimizer=optimizer,
-        method=ssl_method,
-        unsup_weight=LAMBDA[method],
-        autocast_dtype=amp,
-        compile=compile_enabled,
-        to_kwargs={"memory_format": torch.channels_last} if channels_last else {},
-        batched_forward="auto",
-        train_handlers=[EMATeacherHandler(decay=EMA_DECAY)] if method == "pl-qw" else [],
-    )
+    models = (build_student(network, quick), quality_net())
+    trainer = build_engine(method, labeled, unlabeled, amp, fast=True, models=models)
     losses: list[float] = []
     # MONAI decollates the output into per-sample dicts (each holding the batch's scalar loss)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output[0]["loss"]))
@@ -156,7 +131,8 @@ def fast_runner(
         trainer.run()
         return list(losses)
 
-    choices = {"amp": amp, "channels_last": channels_last, "compile": compile_enabled, "batched": trainer.batched_forward}
+    channels_last = bool(trainer.to_kwargs.get("memory_format") == torch.channels_last)
+    choices = {"amp": amp, "channels_last": channels_last, "compile": trainer.compile, "batched": trainer.batched_forward}
     return run, choices
 
 
