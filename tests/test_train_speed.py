@@ -192,3 +192,17 @@ def test_speed_overlay_keeps_the_loss_within_tolerance(demo_manifest: Path, tmp_
     expected_amp = torch.bfloat16 if speed.amx_bf16_support()[0] else None
     assert fast.autocast_dtype is expected_amp and plain.autocast_dtype is None
     assert speed_loss == pytest.approx(plain_loss, rel=SPEED_RTOL)
+
+
+def test_compiled_unetpp_stays_contiguous_and_small_gains_do_not_flip_the_choice(monkeypatch) -> None:
+    from qgssl_monai.networks.segmentation import build_segmentation_network
+
+    unetpp = build_segmentation_network("unetpp", size="small")
+    assert "replicate" in speed.compiled_channels_last_blocker(unetpp)
+    assert speed.select_channels_last(unetpp, (2, 3, 32, 32), compiled=True) is False
+    assert speed.compiled_channels_last_blocker(tiny_unet()) is None
+    # 3 % faster in channels_last is inside the 5 % noise margin: stay contiguous; 10 % faster: switch
+    for channels_last_time, expected in ((0.97, False), (0.90, True)):
+        times = iter([1.0, channels_last_time])
+        monkeypatch.setattr(speed, "_train_step_seconds", lambda *args: next(times))
+        assert speed.select_channels_last(tiny_unet(), (2, 3, 32, 32)) is expected
