@@ -65,9 +65,8 @@ def build_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def speed_path(student: torch.nn.Module, labeled: list, amp: str | None) -> tuple[bool, bool]:
     """``(channels_last, compile)`` as the speed overlay chooses them; converts ``student`` in place."""
-    compile_enabled = speed.select_compile("auto", "cpu")
-    shape = tuple(labeled[0]["image"].shape)
-    channels_last = speed.select_channels_last(student, shape, "cpu", amp, compiled=compile_enabled)
+    compile_enabled = speed.select_compile("auto", "cpu", network=student)
+    channels_last = speed.select_channels_last(student, tuple(labeled[0]["image"].shape), "cpu", amp)
     speed.to_channels_last(student, enabled=channels_last)
     return channels_last, compile_enabled
 

@@ -194,13 +194,14 @@ def test_speed_overlay_keeps_the_loss_within_tolerance(demo_manifest: Path, tmp_
     assert speed_loss == pytest.approx(plain_loss, rel=SPEED_RTOL)
 
 
-def test_compiled_unetpp_stays_contiguous_and_small_gains_do_not_flip_the_choice(monkeypatch) -> None:
+def test_unetpp_is_not_compiled_and_small_gains_do_not_flip_channels_last(monkeypatch) -> None:
     from qgssl_monai.networks.segmentation import build_segmentation_network
 
     unetpp = build_segmentation_network("unetpp", size="small")
-    assert "replicate" in speed.compiled_channels_last_blocker(unetpp)
-    assert speed.select_channels_last(unetpp, (2, 3, 32, 32), compiled=True) is False
-    assert speed.compiled_channels_last_blocker(tiny_unet()) is None
+    assert "replicate" in speed.compile_blocker(unetpp)
+    assert speed.select_compile("auto", "cpu", network=unetpp) is False
+    assert speed.select_compile(True, "cpu", network=unetpp) is True  # an explicit request is obeyed
+    assert speed.compile_blocker(tiny_unet()) is None
     # 3 % faster in channels_last is inside the 5 % noise margin: stay contiguous; 10 % faster: switch
     for channels_last_time, expected in ((0.97, False), (0.90, True)):
         times = iter([1.0, channels_last_time])

@@ -30,7 +30,7 @@ __all__ = [
     "amx_bf16_support",
     "bf16_autocast_support",
     "channels_last_format",
-    "compiled_channels_last_blocker",
+    "compile_blocker",
     "compile_support",
     "configure_compile_cache",
     "default_compile_cache_dir",
@@ -157,13 +157,31 @@ def configure_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def compile_blocker(network: nn.Module | None) -> str | None:
+    """Why ``torch.compile`` cannot train ``network`` with this torch, or ``None``.
+
+    torch 2.13's inductor fails in the backward of replicate padding (``replication_pad2d_backward``
+    ``assert_size_stride``, with its own channels-last layout choice), which MONAI's ``BasicUNetPlusPlus``
+    uses to align up-sampled features (``UpCat``): measured here at 128 px, with and without channels_last inputs.
+    """
+    from monai.networks.nets import BasicUNetPlusPlus
+
+    if network is not None and any(isinstance(m, BasicUNetPlusPlus) for m in network.modules()):
+        return "torch.compile fails in the backward of BasicUNetPlusPlus's replicate padding (torch 2.13 inductor)"
+    return None
+
+
 def select_compile(requested: bool | str = "auto", device: str | torch.device = "cpu",
-                   cache_dir: str | os.PathLike | None = None) -> bool:
-    """Value for the trainer's ``compile``: ``"auto"`` compiles where :func:`compile_support` allows; logged.
+                   cache_dir: str | os.PathLike | None = None, network: nn.Module | None = None) -> bool:
+    """Value for the trainer's ``compile``: ``"auto"`` compiles where :func:`compile_support` allows and
+    ``network`` has no :func:`compile_blocker`; logged.
 
     When compiling, the inductor cache directory is configured first (:func:`configure_compile_cache`).
     """
-    if isinstance(requested, str) and requested.lower() == "auto":
+    blocker = compile_blocker(network)
+    if isinstance(requested, str) and requested.lower() == "auto" and blocker is not None:
+        enabled, reason = False, blocker
+    elif isinstance(requested, str) and requested.lower() == "auto":
         enabled, reason = compile_support(device)
     else:
         enabled, reason = bool(requested), "set explicitly"
@@ -221,20 +239,6 @@ def _resolve_dtype(amp_dtype: str | torch.dtype | None) -> torch.dtype | None:
     return resolve_amp_dtype(amp_dtype)
 
 
-def compiled_channels_last_blocker(network: nn.Module) -> str | None:
-    """Why ``torch.compile`` must not train ``network`` in channels_last, or ``None``.
-
-    torch 2.13's inductor fails on the backward of replicate padding with channels-last gradients
-    (``assert_size_stride`` on ``replication_pad2d_backward``); MONAI's ``BasicUNetPlusPlus`` pads its
-    up-sampled features that way (``UpCat``).
-    """
-    from monai.networks.nets import BasicUNetPlusPlus
-
-    if any(isinstance(module, BasicUNetPlusPlus) for module in network.modules()):
-        return "BasicUNetPlusPlus pads with mode='replicate', whose compiled backward fails in channels_last"
-    return None
-
-
 def select_channels_last(
     network: nn.Module,
     input_shape: tuple[int, ...] | list[int],
@@ -242,7 +246,6 @@ def select_channels_last(
     amp_dtype: str | None = None,
     requested: bool | str = "auto",
     steps: int = 2,
-    compiled: bool = False,
     min_gain: float = 0.05,
 ) -> bool:
     """Whether to train ``network`` in channels-last layout: ``"auto"`` *measures* it; the choice is logged.
@@ -251,19 +254,13 @@ def select_channels_last(
     UNet++ 0.8x), so ``"auto"`` times ``steps`` forward+backward passes of a copy of ``network`` (``network``
     itself is untouched) on a random batch of ``input_shape`` ``(B, C, *S)`` in both layouts, under
     ``amp_dtype`` autocast, and picks channels_last only when it is at least ``min_gain`` (5 %) faster, so
-    measurement noise on a busy machine does not flip the choice. With ``compiled`` (the network will be
-    trained through ``torch.compile``) networks that the compiler cannot train in channels_last are kept
-    contiguous (:func:`compiled_channels_last_blocker`). ``True``/``False`` are returned unchanged.
+    measurement noise on a busy machine does not flip the choice. ``True``/``False`` are returned unchanged.
     """
     import copy
 
     if not (isinstance(requested, str) and requested.lower() == "auto"):
         logger.info("channels_last %s: set explicitly", "on" if requested else "off")
         return bool(requested)
-    blocker = compiled_channels_last_blocker(network) if compiled else None
-    if blocker is not None:
-        logger.info("channels_last off: %s", blocker)
-        return False
     device = torch.device(device)
     shape = tuple(int(s) for s in input_shape)
     memory_format = channels_last_format(len(shape) - 2)
