@@ -124,3 +124,20 @@ def test_bench_method_step_cost_quick() -> None:
     assert 0 < sup_cpu < 60 and 0 < sup_wall < 60
     assert qw_cpu > sup_cpu  # teacher, unlabeled forward and g cost more than the supervised step alone
     assert set(bench.STUDY_METHODS) >= {"sup", "pl-qw", "qar+qw", "fdpl-qw"}
+
+
+def test_bench_train_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_script("bench_train_speed")
+    out = tmp_path / "speed.json"
+    result = bench.main(["--quick", "--networks", "unet", "--methods", "qar", "--json", str(out)])
+    rows = result["rows"]
+    assert [(r["network"], r["method"], r["threads"]) for r in rows] == [("unet", "qar", 1)]
+    row = rows[0]
+    assert_positive(row, ("eager_img_s", "fast_img_s", "speedup", "eager_loss", "fast_loss"))
+    assert row["speedup"] == pytest.approx(row["fast_img_s"] / row["eager_img_s"])
+    assert row["loss_rel_diff"] <= 0.05  # same batches, same initial weights: the speed path trains alike
+    assert row["batched"] is True and row["compile"] in (True, False) and row["amp"] in ("bf16", "none")
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    lines = table_lines(result)
+    assert lines[1].split()[:5] == ["network", "method", "thr", "eager", "fast"] and len(lines) == 3
+    assert result["table"] in capsys.readouterr().out

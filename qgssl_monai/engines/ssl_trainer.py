@@ -20,15 +20,16 @@ the last detached quality weights in ``engine.state.quality_weights``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from typing import Any
 
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
-from monai.inferers import Inferer
-from monai.transforms import Transform
+from monai.data import MetaTensor
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -37,10 +38,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from qgssl_monai.losses import PerSampleDiceBCELoss
 from qgssl_monai.engines.autocast import resolve_amp_dtype
-from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext
+from qgssl_monai.methods.base import MethodOutput, SSLMethod, StepContext, unwrap_parallel
 from qgssl_monai.methods.sup import Supervised
 
-__all__ = ["SemiSupervisedTrainer", "ssl_optimizer_parameters"]
+__all__ = ["SemiSupervisedTrainer", "distribute_peers", "resolve_batched_forward", "ssl_optimizer_parameters"]
+
+logger = logging.getLogger(__name__)
 
 
 #: keys of the scalar outputs, in the order they are converted to floats
@@ -61,6 +64,74 @@ def ssl_optimizer_parameters(network: nn.Module, method: SSLMethod) -> list[nn.P
     return params
 
 
+def has_batch_norm(network: nn.Module) -> bool:
+    """True when ``network`` normalises with batch statistics in training (any ``_BatchNorm``)."""
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in network.modules())
+
+
+def resolve_batched_forward(requested: bool | str, method: SSLMethod, network: nn.Module) -> bool:
+    """Whether the engine runs the student once on ``cat([image_l, image_u])`` instead of twice.
+
+    Allowed only for methods whose every iteration uses the student's logits on the clean unlabeled batch
+    (``method.shares_student_forward_u``: PL*, QAR, CPS and their compositions). The result is the same
+    function of the inputs *except* for BatchNorm: in training a BatchNorm layer normalises with the statistics
+    of the batch it sees, so one ``B_l + B_u`` batch normalises both halves with joint statistics (and updates
+    the running statistics once) where two forwards use per-half statistics. ``"auto"`` therefore batches only
+    networks without BatchNorm (UNet, UNet++, SwinUNETR: instance/layer norm); ``True`` forces it (BatchNorm
+    networks then train slightly differently), ``False`` never batches. The decision is logged.
+    """
+    allowed = bool(getattr(method, "shares_student_forward_u", False))
+    if isinstance(requested, str):
+        if requested.lower() != "auto":
+            raise ValueError(f"batched_forward must be True, False or 'auto', got {requested!r}.")
+        batch_norm = has_batch_norm(unwrap_parallel(network))
+        enabled = allowed and not batch_norm
+        reason = (
+            f"method {method.name!r} does not share the student's unlabeled forward" if not allowed
+            else "the network has BatchNorm (joint batch statistics would change training)" if batch_norm
+            else "method shares the student's unlabeled forward and the network has no BatchNorm"
+        )
+        logger.info("batched labeled+unlabeled forward %s: %s", "on" if enabled else "off", reason)
+        return enabled
+    if requested and not allowed:
+        raise ValueError(f"method {method.name!r} does not use the student's forward on the clean unlabeled batch: "
+                         "batched_forward would compute logits nobody uses.")
+    return bool(requested)
+
+
+def distribute_peers(method: SSLMethod, network: nn.Module) -> None:
+    """When the student is ``DistributedDataParallel``, wrap every method's trainable peer (CPS, FDPL) alike.
+
+    Each peer gets its own DDP wrapper (same ``device_ids``/``output_device``/``broadcast_buffers``) used for its
+    forwards, so its gradients are all-reduced across ranks exactly like the student's; the method keeps the
+    unwrapped peer as its submodule, so checkpoints are the same with and without DDP.
+    """
+    ddp = network
+    while not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        inner = getattr(ddp, "_orig_mod", None)  # torch.compile wrapper
+        if inner is None:
+            return
+        ddp = inner
+
+    def wrap(peer: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(
+            peer,
+            device_ids=ddp.device_ids,
+            output_device=ddp.output_device,
+            broadcast_buffers=ddp.broadcast_buffers,
+            find_unused_parameters=ddp.find_unused_parameters,
+        )
+
+    for module in method.modules():
+        if isinstance(module, SSLMethod):
+            module.wrap_peers(wrap)
+
+
+def _plain(tensor: Tensor | None) -> Tensor | None:
+    """A MetaTensor's plain tensor (``torch.compile`` traces plain tensors; MONAI's compile workaround)."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
 class SemiSupervisedTrainer(SupervisedTrainer):
     """Semi-supervised trainer: shared loop for every :class:`SSLMethod` strategy.
 
@@ -73,8 +144,19 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         unsup_weight: ``lambda_max``; ``None`` uses ``method.default_unsup_weight``. ``RampUpHandler``
             sets the current value in ``engine.state.unsup_weight``.
         autocast_dtype: ``"bf16"`` (``torch.autocast`` on the engine's device, CPU or CUDA), ``"fp16"``
-            (CUDA autocast + ``GradScaler``) or ``None`` (float32).
-        epoch_length: optimizer steps per epoch; default ``len(train_data_loader)``.
+            (CUDA autocast + ``GradScaler``) or ``None`` (float32). ``amp_kwargs`` (MONAI's) are passed to that
+            ``torch.autocast`` (e.g. ``{"cache_enabled": False}``); MONAI's ``amp=True`` means CUDA autocast in
+            ``amp_kwargs["dtype"]`` (float16 by default) and cannot be combined with ``autocast_dtype``.
+        batched_forward: run the student once on ``cat([image_l, image_u])`` (``True``/``False``/``"auto"``, see
+            :func:`resolve_batched_forward` for the BatchNorm caveat).
+        train_handlers: as in MONAI; attached after the SSL attributes exist.
+        **kwargs: every other ``SupervisedTrainer`` argument, forwarded unchanged (``epoch_length``,
+            ``prepare_batch``, ``inferer``, ``compile``/``compile_kwargs``, ``to_kwargs``, ``amp_kwargs``,
+            ``optim_set_to_none``, ...). ``compile=True`` wraps the network with ``torch.compile``; its inputs are
+            then plain tensors (MONAI's MetaTensor workaround). ``accumulation_steps`` must stay 1.
+
+    When ``network`` is ``DistributedDataParallel``, the method's trainable peers are wrapped alike
+    (:func:`distribute_peers`), so their gradients are averaged across ranks too.
 
     The method's extra trainable parameters (peers, heads) must be in the optimizer: build it with
     :func:`ssl_optimizer_parameters`; missing ones are added as a new param group with a warning.
@@ -91,33 +173,31 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         unlabeled_data_loader: Iterable | DataLoader | None = None,
         method: SSLMethod | None = None,
         unsup_weight: float | None = None,
-        autocast_dtype: str | None = None,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
-        iteration_update: Callable | None = None,
-        inferer: Inferer | None = None,
-        postprocessing: Transform | None = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        autocast_dtype: str | torch.dtype | None = None,
+        batched_forward: bool | str = False,
         train_handlers: Sequence | None = None,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = True,
-        optim_set_to_none: bool = False,
-        to_kwargs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
         # one dtype vocabulary for every engine: "bf16" | "fp16" | "none"/None (engines/autocast.py)
         dtype = resolve_amp_dtype(autocast_dtype)
         device = torch.device(device)
+        if kwargs.pop("amp", False):  # MONAI's switch: CUDA autocast (float16 unless amp_kwargs says otherwise)
+            if dtype is not None:
+                raise ValueError("pass either amp=True (MONAI) or autocast_dtype, not both.")
+            if device.type != "cuda":
+                raise ValueError(f"amp=True autocasts on CUDA only (device {device}); use autocast_dtype='bf16' on CPU.")
+            dtype = resolve_amp_dtype((kwargs.get("amp_kwargs") or {}).get("dtype", torch.float16))
         if dtype is torch.float16 and device.type != "cuda":
             raise ValueError(f"autocast_dtype='fp16' needs a CUDA device (got {device}); use 'bf16' on CPU.")
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("SemiSupervisedTrainer does not support gradient accumulation (accumulation_steps=1).")
         method = Supervised() if method is None else method
         if not isinstance(method, SSLMethod):
             raise TypeError(f"method must be an SSLMethod, got {type(method).__name__}.")
         if method.uses_unlabeled and unlabeled_data_loader is None:
             raise ValueError(f"method {method.name!r} needs an unlabeled_data_loader.")
+        # every other SupervisedTrainer option (compile, compile_kwargs, amp_kwargs, to_kwargs, inferer, ...)
+        # keeps MONAI's meaning; mixed precision is ours (``autocast_dtype``, any device), hence amp=False
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -125,34 +205,23 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             network=network,
             optimizer=optimizer,
             loss_function=PerSampleDiceBCELoss() if loss_function is None else loss_function,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            iteration_update=iteration_update,
-            inferer=inferer,
-            postprocessing=postprocessing,
-            key_train_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
             train_handlers=None,  # attached below, once the SSL attributes exist
-            amp=False,  # mixed precision is handled by ``autocast_dtype``
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            optim_set_to_none=optim_set_to_none,
-            to_kwargs=to_kwargs,
+            amp=False,
+            **kwargs,
         )
-        method.setup(network)
+        method.setup(unwrap_parallel(network))
         self.method = method.to(device)
         self.unlabeled_data_loader = unlabeled_data_loader
         self.unsup_weight_max = float(method.default_unsup_weight if unsup_weight is None else unsup_weight)
         self.autocast_dtype = dtype
         self.grad_scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
+        self.batched_forward = resolve_batched_forward(batched_forward, method, network)
         self.state.unsup_weight = self.unsup_weight_max
         self.state.quality_weights = None
         self._unlabeled_iterator: Iterator | None = None
         self._unlabeled_pass = 0
         self._add_missing_method_parameters()
+        distribute_peers(method, network)
         self.add_event_handler(Events.STARTED, self._sync_unlabeled_pass)
         if train_handlers is not None:
             self._register_handlers(train_handlers)
@@ -210,7 +279,18 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.state.device.type, dtype=self.autocast_dtype)
+        options = {k: v for k, v in (self.amp_kwargs or {}).items() if k not in ("dtype", "device_type")}
+        return torch.autocast(self.state.device.type, dtype=self.autocast_dtype, **options)
+
+    def _student_forward(self, image_l: Tensor, image_u: Tensor | None, args: tuple, kwargs: dict,
+                         context_cache: dict) -> Tensor:
+        """Student logits on ``image_l``; with ``batched_forward`` one forward on ``cat([image_l, image_u])`` whose
+        unlabeled half is put in ``context_cache`` for :meth:`StepContext.student_logits_u`."""
+        if not self.batched_forward or image_u is None:
+            return self.inferer(image_l, self.network, *args, **kwargs)
+        logits = self.inferer(torch.cat([image_l, image_u]), self.network, *args, **kwargs)
+        logits_l, context_cache["student_logits_u"] = logits.split([image_l.shape[0], image_u.shape[0]])
+        return logits_l
 
     def _iteration(self, engine: SemiSupervisedTrainer, batchdata: dict[str, Tensor]) -> dict:  # type: ignore[override]
         """One SSL step; returns ``engine.state.output`` (see the module docstring for its keys)."""
@@ -221,13 +301,16 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
         image_u = engine.next_unlabeled_batch() if engine.method.uses_unlabeled else None
         engine.state.output = {Keys.IMAGE: image_l, Keys.LABEL: label_l}
+        if engine.compile:  # compiled graphs take plain tensors (the output keeps the MetaTensors)
+            image_l, label_l, image_u = _plain(image_l), _plain(label_l), _plain(image_u)
 
         engine.network.train()
         engine.method.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         unsup_weight = float(engine.state.unsup_weight)
+        cache: dict[str, Any] = {}
         with engine._autocast():
-            logits_l = engine.inferer(image_l, engine.network, *args, **kwargs)
+            logits_l = engine._student_forward(image_l, image_u, args, kwargs, cache)
             engine.state.output[Keys.PRED] = logits_l
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             sup_loss = engine.loss_function(logits_l, label_l).mean()
@@ -239,6 +322,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 logits_l=logits_l,
                 image_u=image_u,
                 sup_loss_fn=engine.loss_function,
+                cache=cache,
             )
             method_output: MethodOutput = engine.method.unsupervised_loss(context)
             loss = sup_loss + method_output.extra_sup_loss + unsup_weight * method_output.unsup_loss

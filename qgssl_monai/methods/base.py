@@ -98,10 +98,15 @@ def training_progress(engine: Any) -> float:
 
 
 def unwrap_parallel(network: nn.Module) -> nn.Module:
-    """The wrapped module of ``DataParallel``/``DistributedDataParallel`` (teachers and peers copy that)."""
-    if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return network.module
-    return network
+    """The module inside ``DataParallel``/``DistributedDataParallel`` and ``torch.compile`` wrappers (in any
+    nesting): teachers and peers copy that, EMA reads its parameters."""
+    while True:
+        if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch._dynamo OptimizedModule
+            network = network._orig_mod
+        else:
+            return network
 
 
 def reinitialise(network: nn.Module, seed: int) -> nn.Module:
@@ -152,6 +157,25 @@ class SSLMethod(nn.Module, abc.ABC):
     default_unsup_weight: float = 1.0
     #: names of submodules that must always stay in eval mode (frozen teachers, quality predictors)
     eval_only_submodules: tuple[str, ...] = ()
+    #: names of trainable peer submodules (CPS, FDPL) wrapped like the student for data-parallel training
+    peer_submodules: tuple[str, ...] = ()
+    #: True when every iteration uses ``ctx.student_logits_u()`` (the student on the clean unlabeled batch):
+    #: the engine may then compute it in one forward with the labeled batch (``batched_forward``)
+    shares_student_forward_u: bool = False
+
+    def wrap_peers(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Use ``wrap(peer)`` (e.g. a ``DistributedDataParallel``) for the forwards of each ``peer_submodules``
+        entry. The wrapper is not registered as a submodule: state dicts keep the unwrapped peer's keys."""
+        wrappers = self.__dict__.setdefault("_peer_wrappers", {})
+        for name in self.peer_submodules:
+            peer = getattr(self, name, None)
+            if isinstance(peer, nn.Module) and name not in wrappers:
+                wrappers[name] = wrap(peer)
+
+    def peer_module(self, name: str = "peer") -> nn.Module:
+        """The module to call for peer ``name``: its data-parallel wrapper when :meth:`wrap_peers` made one."""
+        wrapper = self.__dict__.get("_peer_wrappers", {}).get(name)
+        return wrapper if wrapper is not None else getattr(self, name)
 
     def setup(self, student: nn.Module) -> None:
         """Create networks that depend on the student (EMA teacher, peer). Must be idempotent."""

@@ -48,6 +48,7 @@ class CompositeMethod(SSLMethod):
         self.component_weights = [float(w) for w in weights]
         self.name = name
         self.uses_unlabeled = any(m.uses_unlabeled for m in methods)
+        self.shares_student_forward_u = any(m.shares_student_forward_u for m in methods)
 
     def setup(self, student: nn.Module) -> None:
         for method in self.components.values():

@@ -36,6 +36,8 @@ class CrossPseudoSupervision(SSLMethod):
 
     name = "cps"
     default_unsup_weight = 1.5
+    peer_submodules = ("peer",)
+    shares_student_forward_u = True
 
     def __init__(
         self,
@@ -66,8 +68,9 @@ class CrossPseudoSupervision(SSLMethod):
     def unsupervised_loss(self, ctx: StepContext) -> MethodOutput:
         loss_fn = ctx.sup_loss_fn if self.loss_function is None else self.loss_function
         image_u = ctx.image_u
+        peer = self.peer_module("peer")  # the DDP wrapper in multi-process training
         logits_a = ctx.student_logits_u()
-        logits_b = self.peer(image_u)
+        logits_b = peer(image_u)
         pseudo_a = (logits_a.detach() > 0).to(torch.float32)
         pseudo_b = (logits_b.detach() > 0).to(torch.float32)
         per_a = loss_fn(logits_a, pseudo_b)  # student learns from the peer
@@ -80,6 +83,6 @@ class CrossPseudoSupervision(SSLMethod):
             weight_a = self.quality_weighting.weights(image_u, pseudo_a)
             unsup = self.quality_weighting.reduce(per_a, weight_b) + self.quality_weighting.reduce(per_b, weight_a)
             weights = torch.cat([weight_b, weight_a])
-        peer_sup = loss_fn(self.peer(ctx.image_l), ctx.label_l).mean()
+        peer_sup = loss_fn(peer(ctx.image_l), ctx.label_l).mean()
         return MethodOutput(unsup_loss=unsup, extra_sup_loss=peer_sup, quality_weights=weights,
                             logs={"peer_sup_loss": peer_sup.detach()})

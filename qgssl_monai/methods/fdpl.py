@@ -97,6 +97,7 @@ class FDPL(SSLMethod, Randomizable):
 
     name = "fdpl"
     default_unsup_weight = 0.1
+    peer_submodules = ("peer",)
 
     def __init__(
         self,
@@ -256,7 +257,7 @@ class FDPL(SSLMethod, Randomizable):
             raise ValueError("FDPL needs an unlabeled batch (ctx.image_u is None).")
         if self.peer is None:
             self.setup(ctx.student)
-        peer = self.peer
+        peer = self.peer_module("peer")  # the DDP wrapper in multi-process training
         loss_fn = self.pseudo_label_loss or ctx.sup_loss_fn
         image_u = ctx.image_u
         batch, spatial = image_u.shape[0], tuple(image_u.shape[2:])

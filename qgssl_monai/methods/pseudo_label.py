@@ -101,6 +101,7 @@ class PseudoLabel(EMATeacherMixin, SSLMethod):
     """
 
     name = "pl"
+    shares_student_forward_u = True
 
     def __init__(
         self,
@@ -205,6 +206,7 @@ class PseudoLabelConfidence(PseudoLabel):
     """
 
     name = "pl-c"
+    shares_student_forward_u = False  # its student forward is on [weak, strong] views
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ class QualityAwareRegularization(SSLMethod):
 
     name = "qar"
     default_unsup_weight = 0.01
+    shares_student_forward_u = True
     eval_only_submodules = ("quality_net",)
 
     def __init__(self, quality_net: nn.Module) -> None:
