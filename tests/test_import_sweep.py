@@ -101,8 +101,10 @@ def _declared_requirements() -> set[str]:
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     names = set()
-    # install_requires, and the extras: an optional feature's import names its extra when it is missing
-    sections = [cfg["options"]["install_requires"], *cfg["options.extras_require"].values()]
+    # install_requires and the extras installed beside it (an optional feature's import names its extra when it
+    # is missing); [label] belongs to the separate MONAI Label venv
+    extras = cfg["options.extras_require"]
+    sections = [cfg["options"]["install_requires"], *(extras[name] for name in extras if name != "label")]
     for line in (line for section in sections for line in section.splitlines()):
         line = line.split("#", 1)[0].strip()
         if line:

@@ -17,6 +17,7 @@ The bundle switches all of it on with ``configs/speed.json`` (stacked after the 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -119,9 +120,7 @@ def compile_support(device: str | torch.device) -> tuple[bool, str]:
     if not hasattr(torch, "compile"):
         return False, "this torch has no torch.compile"
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("triton") is None:  # comes with CUDA builds of torch; a probe, not a requirement
             return False, "inductor on CUDA needs Triton, which is not installed"
         return True, "Triton is installed"
     if device.type == "cpu":
