@@ -37,13 +37,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             for name in commands:
                 sub.add_parser(name, help=f"(see qgssl {name} --help)")
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if not err.name or not err.name.startswith("qgssl_monai"):
-                raise
-            continue
-        module.register(sub)
+        # every command module ships with the package: an import error is a bug to show, not a command to hide
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

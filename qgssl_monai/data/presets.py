@@ -6,8 +6,9 @@ unlabeled sources (the cross-source setting: CVC-ClinicDB labeled + Kvasir-SEG i
 seeded 70:10:20 split (grouped when the scanner reports groups, e.g. CVC-ClinicDB video sequences) and writes
 the manifest with :func:`qgssl_monai.data.manifest.write_manifest`.
 
-Other modules add presets with :func:`register_preset` (3D presets live in ``presets_3d.py``, imported at
-the bottom of this module so that :data:`PRESETS` is complete once this module is imported).
+The registry lives in ``preset_registry.py``; other modules add presets with :func:`register_preset`
+(3D presets live in ``presets_3d.py``, imported here so that :data:`PRESETS` is complete once this module is
+imported; neither module imports the other's importer, so there is no import cycle).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import qgssl_monai.data.presets_3d  # noqa: F401  (registers the 3D presets into PRESETS)
 from qgssl_monai.data.manifest import (
     SPLIT_RATIOS,
     ManifestError,
@@ -34,6 +35,7 @@ from qgssl_monai.data.manifest import (
     resolve_data_root,
     write_manifest,
 )
+from qgssl_monai.data.preset_registry import PRESETS, DatasetInfo, Preset, ScanResult, register_preset
 
 __all__ = [
     "CVC_CLINICDB_SEQUENCE_ENDS",
@@ -73,68 +75,6 @@ CVC_CLINICDB_SEQUENCE_ENDS: tuple[int, ...] = (
 _PH2_CASE = re.compile(r"^IMD\d+$")
 _ISIC_IMAGE = re.compile(r"^ISIC_(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 _ISIC_MASK = re.compile(r"^ISIC_(\d+)_segmentation\.png$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Provenance written into the manifest header."""
-
-    modality: str
-    source: str = ""
-    citation: str = ""
-    licence: str = ""
-    labels: Mapping[str, str] = field(default_factory=lambda: {"0": "background", "1": "foreground"})
-    # how masks become binary targets: "binary" (stored {0,1}/{0,255}) or "nonzero" (multi-label, label > 0);
-    # written to the manifest header and honoured by `qgssl validate-manifest`
-    label_rule: str = "binary"
-
-
-@dataclass
-class ScanResult:
-    """What a preset found under its root.
-
-    Attributes:
-        labeled: ``{"image": abs_path, "label": abs_path}`` pairs.
-        unlabeled: ``{"image": abs_path}`` entries that have no mask.
-        groups: a group label per labeled entry (whole groups stay in one split), or None.
-        group_rule: what the groups are, for the manifest's ``split_rule``.
-    """
-
-    labeled: list[dict[str, str]] = field(default_factory=list)
-    unlabeled: list[dict[str, str]] = field(default_factory=list)
-    groups: list[str] | None = None
-    group_rule: str = ""
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A registered layout: ``scan(root)`` plus provenance and a one-line description."""
-
-    name: str
-    scan: Callable[[Path], ScanResult]
-    info: DatasetInfo
-    description: str
-
-
-PRESETS: dict[str, Preset] = {}
-
-
-def register_preset(
-    name: str, *, description: str, info: DatasetInfo
-) -> Callable[[Callable[[Path], ScanResult]], Callable[[Path], ScanResult]]:
-    """Decorator registering ``scan(root: Path) -> ScanResult`` under ``name`` in :data:`PRESETS`.
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-
-    def decorator(scan: Callable[[Path], ScanResult]) -> Callable[[Path], ScanResult]:
-        if name in PRESETS:
-            raise ValueError(f"preset {name!r} is already registered")
-        PRESETS[name] = Preset(name=name, scan=scan, info=info, description=description)
-        return scan
-
-    return decorator
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -684,9 +624,3 @@ def prepare_manifest(
     )  # fmt: skip
     return written
 
-
-try:  # 3D presets register themselves into PRESETS when their module exists
-    import qgssl_monai.data.presets_3d  # noqa: F401,E402
-except ModuleNotFoundError as err:
-    if err.name != "qgssl_monai.data.presets_3d":
-        raise

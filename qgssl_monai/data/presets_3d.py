@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from qgssl_monai.data.manifest import ManifestError, natural_key
-from qgssl_monai.data.presets import DatasetInfo, ScanResult, register_preset
+from qgssl_monai.data.preset_registry import DatasetInfo, ScanResult, register_preset
 
 __all__ = [
     "PAPER_LABEL_RATIOS",

@@ -59,10 +59,8 @@ def _register_lazy(name: str) -> None:
     if name in METHODS or name not in LAZY_METHODS:
         return
     module_name, class_name, quality_weighted = LAZY_METHODS[name]
-    try:
-        factory = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        return  # that area's module is not available: the name stays unknown
+    # the module always ships: an import error inside it is a real bug and must surface, not read as "unknown method"
+    factory = getattr(importlib.import_module(module_name), class_name)
     register_method(name, factory, quality_weighted)
 
 
