@@ -37,10 +37,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     except ManifestError as err:
         print(f"qgssl prepare: {err}", file=sys.stderr)
         return 1
-    from qgssl_monai.data.manifest import load_manifest
-
-    header = load_manifest(out)
-    counts = ", ".join(f"{header[f'num_{s}']} {s}" for s in SPLITS)
+    header, counts = _written(out)
     base = header.get("data_root_base")
     print(f"wrote {out} ({counts}; data_root {header['data_root']}{f' relative to {base}' if base else ''})")
     if not args.validate:
@@ -60,18 +57,24 @@ def run_prepare(args: argparse.Namespace) -> int:
     return code
 
 
+def _written(manifest: str | Path) -> tuple[dict, str]:
+    """The header of a manifest just written and its split counts as text ("70 training, 10 validation, ...")."""
+    from qgssl_monai.data.manifest import load_manifest
+
+    header = load_manifest(manifest)
+    return header, ", ".join(f"{header[f'num_{s}']} {s}" for s in SPLITS)
+
+
 def run_subset_labels(args: argparse.Namespace) -> int:
     """``qgssl subset-labels``: 0 on success, 1 (message on stderr) when the manifest cannot be reduced."""
     from qgssl_monai.data.label_subset import subset_labels
-    from qgssl_monai.data.manifest import load_manifest
 
     try:
         out = subset_labels(args.manifest, args.fraction, args.out, seed=args.seed, groups_file=args.groups, name=args.name)
     except ManifestError as err:
         print(f"qgssl subset-labels: {err}", file=sys.stderr)
         return 1
-    header = load_manifest(out)
-    counts = ", ".join(f"{header[f'num_{s}']} {s}" for s in SPLITS)
+    header, counts = _written(out)
     groups = header.get("labeled_groups")
     print(f"wrote {out} ({counts})" + (f"; labeled groups: {', '.join(groups)}" if groups else ""))
     return 0
