@@ -113,6 +113,8 @@ COMMANDS: dict[str, Run | NotRun] = {
     "OMP_NUM_THREADS=1 python benchmarks/bench_amp.py [--accuracy]": NotRun("tests/test_benchmarks_smoke.py (--quick)"),
     "OMP_NUM_THREADS=1 python benchmarks/bench_quality_check.py": NotRun("tests/test_benchmarks_smoke.py (--quick)"),
     "OMP_NUM_THREADS=1 python benchmarks/bench_scaling.py": NotRun("tests/test_benchmarks_smoke.py (--quick)"),
+    "python benchmarks/bench_train_speed.py --json benchmarks/results/bench_train_speed.json": NotRun("tests/test_benchmarks_smoke.py (--quick)"),
+    "OMP_NUM_THREADS=1 python benchmarks/bench_engine_overhead.py --fast": NotRun("tests/test_benchmarks_smoke.py (--quick)"),
 }
 
 

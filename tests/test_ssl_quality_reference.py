@@ -88,4 +88,6 @@ def test_resume_checks_the_reference_to_g(runs: dict[str, Path], demo_manifest: 
     with pytest.raises(RuntimeError) as err:
         make_workflow(config_files("method/qar"), demo_manifest, tmp_path / "changed", **settings).initialize()
     cause = err.value.__cause__
-    assert isinstance(cause, FileNotFoundError) and str(cause) == f"quality predictor checkpoint not found: {g}"
+    # the bundle checks g up front: one line naming the path and the commands that train g
+    assert isinstance(cause, FileNotFoundError) and str(cause).startswith(f"checkpoint not found: {g}; ")
+    assert "\n" not in str(cause) and "train.json" in str(cause)
