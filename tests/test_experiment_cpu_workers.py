@@ -37,3 +37,28 @@ def test_cpu_workers_must_be_a_positive_integer(tmp_path: Path) -> None:
     path.write_text(base.replace("execution: {launcher: inprocess, devices: cpu}", "execution: {launcher: inprocess, devices: cpu, cpu_workers: 0}"))
     with pytest.raises(ExperimentConfigError, match="cpu_workers"):
         load_experiment(path)
+
+
+def test_resolved_experiment_file_is_written_atomically_and_left_alone_when_unchanged(tmp_path, monkeypatch) -> None:
+    """Workers re-run ``write_resolved`` on the file they were started with while others start: the file is
+    never truncated in place (a reader saw an empty YAML), and an unchanged file is not rewritten at all."""
+    from pathlib import Path
+
+    from qgssl_monai.experiments import pipeline
+
+    class Cfg:
+        def to_dict(self):
+            return {"name": "x", "seeds": [0, 1], "source": "dropped"}
+
+    path = pipeline.write_resolved(Cfg(), tmp_path)
+    assert path.read_text() == "name: x\nseeds:\n- 0\n- 1\n"
+    writes = []
+    original = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: writes.append(self) or original(self, *a, **k))
+    before = path.stat().st_mtime_ns
+    pipeline.write_resolved(Cfg(), tmp_path)
+    assert writes == [] and path.stat().st_mtime_ns == before  # unchanged: untouched
+    Cfg.to_dict = lambda self: {"name": "y"}
+    pipeline.write_resolved(Cfg(), tmp_path)
+    assert path.read_text() == "name: y\n" and path not in writes  # changed: written through a temp file
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -650,7 +650,13 @@ def write_resolved(cfg: ExperimentConfig, out: Path) -> Path:
     content = cfg.to_dict()
     content.pop("source", None)
     path = out / "experiment.yaml"
-    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    text = yaml.safe_dump(content, sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return path  # CPU/GPU workers re-run this on the file they were started with: leave it alone
+    # atomic: a worker starting now must never read a half-written file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path
 
 
